@@ -1,0 +1,254 @@
+"""Guest loading: ELF64 parsing and the PVH boot protocol, as QEMU does it.
+
+The guest is an ELF64 x86-64 executable with a ``Xen`` note of type 18
+(``XEN_ELFNOTE_PHYS32_ENTRY``).  Its PT_LOAD segments are copied to their
+physical addresses, ``struct hvm_start_info`` (version 1: command line and an
+e820-style memory map) is written to low memory, and vCPU 0 starts in 32-bit
+protected mode with paging off and EBX pointing at the start info.
+
+Threat model: the image is untrusted input.  Every size and offset is checked
+against the file length and guest RAM before anything is copied; any problem
+is a one-line ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, GuestMemoryError
+from .memory import GuestMemory
+
+ELF_MAGIC = b"\x7fELF"
+ELFCLASS64 = 2
+ELFDATA2LSB = 1
+EM_X86_64 = 62
+ET_EXEC = 2
+PT_LOAD = 1
+PT_NOTE = 4
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+PHDR = struct.Struct("<IIQQQQQQ")
+NHDR = struct.Struct("<III")
+
+HVM_START_MAGIC = 0x336EC578
+HVM_START_INFO = struct.Struct("<IIIIQQQQII")
+HVM_MEMMAP_ENTRY = struct.Struct("<QQII")
+E820_RAM = 1
+E820_RESERVED = 2
+
+# Where the boot information goes (below the 1 MiB load address, away from
+# the real-mode IVT/BDA and the SMP trampoline page the guest kit uses).
+START_INFO_ADDR = 0x6000
+MEMMAP_ADDR = 0x6040
+MEMMAP_MAX_ENTRIES = (0x7000 - MEMMAP_ADDR) // HVM_MEMMAP_ENTRY.size
+CMDLINE_ADDR = 0x20000
+CMDLINE_MAX = 0x8000  # bytes including the NUL
+BOOT_INFO_RANGES = ((START_INFO_ADDR, 0x7000), (CMDLINE_ADDR, CMDLINE_ADDR + CMDLINE_MAX))
+
+
+@dataclass(frozen=True)
+class Segment:
+    paddr: int
+    offset: int
+    filesz: int
+    memsz: int
+
+
+@dataclass(frozen=True)
+class ElfImage:
+    """A parsed PVH guest image."""
+
+    path: str
+    entry32: int
+    segments: tuple[Segment, ...]
+    data: bytes = field(repr=False)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return (min(s.paddr for s in self.segments), max(s.paddr + s.memsz for s in self.segments))
+
+
+def _bad(path: str, why: str) -> ConfigError:
+    return ConfigError(f"{path}: {why}")
+
+
+def parse_elf(data: bytes, path: str = "<image>") -> ElfImage:
+    """Parse and validate an ELF64 PVH image.  Raises ``ConfigError`` only."""
+    if len(data) < 4 or data[:4] != ELF_MAGIC:
+        raise _bad(path, "not an ELF file (bad magic); give an ELF64 x86-64 PVH guest")
+    if len(data) < EHDR.size:
+        raise _bad(path, "truncated ELF header")
+    (ident, e_type, e_machine, _version, _entry, e_phoff, _shoff, _flags, _ehsize,
+     e_phentsize, e_phnum, *_rest) = EHDR.unpack_from(data, 0)
+    if ident[4] != ELFCLASS64:
+        raise _bad(path, "not a 64-bit ELF (ELFCLASS32?); build the guest for x86-64")
+    if ident[5] != ELFDATA2LSB:
+        raise _bad(path, "not a little-endian ELF")
+    if e_machine != EM_X86_64:
+        raise _bad(path, f"ELF machine {e_machine} is not x86-64 (62)")
+    if e_type != ET_EXEC:
+        raise _bad(path, f"ELF type {e_type} is not an executable (ET_EXEC); link it statically")
+    if e_phnum == 0:
+        raise _bad(path, "ELF has no program headers")
+    if e_phentsize != PHDR.size:
+        raise _bad(path, f"ELF program header size {e_phentsize} is not {PHDR.size}")
+    if e_phoff + e_phnum * PHDR.size > len(data):
+        raise _bad(path, "truncated: program headers run past the end of the file")
+
+    segments: list[Segment] = []
+    entry32: int | None = None
+    for i in range(e_phnum):
+        p_type, _pf, p_offset, _vaddr, p_paddr, p_filesz, p_memsz, _align = PHDR.unpack_from(
+            data, e_phoff + i * PHDR.size
+        )
+        if p_type == PT_LOAD:
+            if p_filesz > p_memsz:
+                raise _bad(path, f"segment {i}: file size {p_filesz:#x} exceeds memory size {p_memsz:#x}")
+            if p_offset + p_filesz > len(data):
+                raise _bad(path, f"truncated: segment {i} runs past the end of the file")
+            if p_memsz:
+                segments.append(Segment(p_paddr, p_offset, p_filesz, p_memsz))
+        elif p_type == PT_NOTE:
+            if p_offset + p_filesz > len(data):
+                raise _bad(path, f"truncated: note segment {i} runs past the end of the file")
+            found = _find_pvh_entry(data[p_offset:p_offset + p_filesz], path)
+            if found is not None:
+                entry32 = found
+    if not segments:
+        raise _bad(path, "ELF has no loadable (PT_LOAD) segments")
+    if entry32 is None:
+        raise _bad(path, "no PVH entry note (Xen note type 18, XEN_ELFNOTE_PHYS32_ENTRY); "
+                         "aiokvm boots guests by the PVH protocol")
+    return ElfImage(path, entry32, tuple(segments), data)
+
+
+def _find_pvh_entry(notes: bytes, path: str) -> int | None:
+    pos = 0
+    while pos + NHDR.size <= len(notes):
+        namesz, descsz, ntype = NHDR.unpack_from(notes, pos)
+        pos += NHDR.size
+        name_end = pos + namesz
+        desc_start = pos + ((namesz + 3) & ~3)
+        desc_end = desc_start + descsz
+        if name_end > len(notes) or desc_end > len(notes):
+            raise _bad(path, "truncated ELF note")
+        name = notes[pos:name_end].rstrip(b"\0")
+        if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+            if descsz == 4:
+                return struct.unpack_from("<I", notes, desc_start)[0]
+            if descsz == 8:
+                value = struct.unpack_from("<Q", notes, desc_start)[0]
+                if value >= 1 << 32:
+                    raise _bad(path, f"PVH entry {value:#x} is above 4 GiB")
+                return value
+            raise _bad(path, f"PVH entry note has a {descsz}-byte descriptor (need 4 or 8)")
+        pos = desc_start + ((descsz + 3) & ~3)
+    return None
+
+
+def read_elf(path: str | Path) -> ElfImage:
+    path = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such guest image; give a path or a bundled guest name") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a guest image") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read guest image: {exc.strerror}") from None
+    return parse_elf(data, path)
+
+
+def load_image(image: ElfImage, memory: GuestMemory) -> None:
+    """Copy PT_LOAD segments into guest RAM (zero-filling .bss)."""
+    for seg in image.segments:
+        if not memory.contains(seg.paddr, seg.memsz):
+            raise ConfigError(
+                f"{image.path}: segment [{seg.paddr:#x}, {seg.paddr + seg.memsz:#x}) lies outside "
+                f"guest RAM ({memory.size // (1 << 20)}M); give more memory or relink the guest"
+            )
+        for lo, hi in BOOT_INFO_RANGES:
+            if seg.paddr < hi and lo < seg.paddr + seg.memsz:
+                raise ConfigError(
+                    f"{image.path}: segment at {seg.paddr:#x} overlaps the PVH boot info at [{lo:#x}, {hi:#x})"
+                )
+        view = memory.view(seg.paddr, seg.memsz)
+        view[:seg.filesz] = image.data[seg.offset:seg.offset + seg.filesz]
+        view[seg.filesz:] = bytes(seg.memsz - seg.filesz)
+    if not memory.contains(image.entry32, 1):
+        raise ConfigError(f"{image.path}: PVH entry {image.entry32:#x} is outside guest RAM")
+
+
+def write_start_info(memory: GuestMemory, cmdline: str) -> int:
+    """Write ``hvm_start_info`` v1, the memory map and the command line.
+
+    Returns the start info's guest-physical address (EBX at entry).
+    """
+    raw = cmdline.encode() + b"\0"
+    if len(raw) > CMDLINE_MAX:
+        raise ConfigError(f"command line is {len(raw) - 1} bytes; the limit is {CMDLINE_MAX - 1}")
+    if b"\0" in raw[:-1]:
+        raise ConfigError("command line contains a NUL byte")
+    memmap = [(start, size, E820_RAM) for start, size in memory.ram_ranges()]
+    if len(memmap) > MEMMAP_MAX_ENTRIES:  # pragma: no cover - two regions at most today
+        raise ConfigError("too many memory map entries")
+    try:
+        memory.write(CMDLINE_ADDR, raw)
+        for i, (start, size, kind) in enumerate(memmap):
+            memory.write(MEMMAP_ADDR + i * HVM_MEMMAP_ENTRY.size, HVM_MEMMAP_ENTRY.pack(start, size, kind, 0))
+        memory.write(START_INFO_ADDR, HVM_START_INFO.pack(
+            HVM_START_MAGIC, 1, 0, 0, 0, CMDLINE_ADDR, 0, MEMMAP_ADDR, len(memmap), 0,
+        ))
+    except GuestMemoryError:  # pragma: no cover - memory is at least 2 MiB
+        raise ConfigError("guest memory too small for the PVH boot info") from None
+    return START_INFO_ADDR
+
+
+def parse_start_info(memory: GuestMemory, addr: int) -> dict:
+    """Read back a start info block (for tests and debugging)."""
+    (magic, version, flags, nr_modules, _modlist, cmdline_paddr, _rsdp, memmap_paddr,
+     memmap_entries, _res) = HVM_START_INFO.unpack(memory.read(addr, HVM_START_INFO.size))
+    cmd = bytearray()
+    pos = cmdline_paddr
+    while (b := memory.read_u8(pos)) != 0:
+        cmd.append(b)
+        pos += 1
+    entries = [HVM_MEMMAP_ENTRY.unpack(memory.read(memmap_paddr + i * HVM_MEMMAP_ENTRY.size, HVM_MEMMAP_ENTRY.size))[:3]
+               for i in range(memmap_entries)]
+    return {"magic": magic, "version": version, "flags": flags, "nr_modules": nr_modules,
+            "cmdline": cmd.decode(errors="replace"), "memmap": entries}
+
+
+def pvh_initial_state(vcpu, entry32: int, start_info: int) -> None:
+    """Put a vCPU in the PVH entry state: 32-bit protected mode, paging off."""
+    sregs = vcpu.get_sregs()
+    code = {"base": 0, "limit": 0xFFFFFFFF, "selector": 0x08, "type": 0xB, "present": 1,
+            "dpl": 0, "db": 1, "s": 1, "l": 0, "g": 1, "avl": 0, "unusable": 0}
+    data = dict(code, selector=0x10, type=0x3)
+    for name in ("cs",):
+        _set_segment(getattr(sregs, name), code)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        _set_segment(getattr(sregs, name), data)
+    # A valid 32-bit TSS (busy) as the protocol requires; the guest loads its own.
+    _set_segment(sregs.tr, {"base": 0, "limit": 0x67, "selector": 0x18, "type": 0xB, "present": 1,
+                            "dpl": 0, "db": 0, "s": 0, "l": 0, "g": 0, "avl": 0, "unusable": 0})
+    sregs.cr0 = 0x11  # PE | ET
+    sregs.cr3 = 0
+    sregs.cr4 = 0
+    sregs.efer = 0
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    for reg in ("rax", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"):
+        setattr(regs, reg, 0)
+    regs.rbx = start_info
+    regs.rip = entry32
+    regs.rflags = 0x2  # IF, TF, VM clear
+    vcpu.set_regs(regs)
+
+
+def _set_segment(seg, values: dict) -> None:
+    for key, value in values.items():
+        setattr(seg, key, value)

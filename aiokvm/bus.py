@@ -1,0 +1,163 @@
+"""PIO and MMIO address maps with one registration primitive.
+
+A device claims ``[base, base + length)`` in one address space and says where
+its handlers run: ``HandlerMode.INLINE`` (in the vCPU thread, for cheap
+register devices) or ``HandlerMode.LOOP`` (on the asyncio loop, the default).
+Overlapping claims are refused with ``ConfigError``.  Accesses nobody claims
+are counted; reads of them return all-ones, writes are dropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol, runtime_checkable
+
+from .errors import ConfigError
+
+
+class Space(str, Enum):
+    PIO = "pio"
+    MMIO = "mmio"
+
+
+class HandlerMode(str, Enum):
+    INLINE = "inline"  # runs in the vCPU thread, returns at once
+    LOOP = "loop"      # runs on the asyncio loop; the vCPU waits for it
+
+
+SPACE_LIMIT = {Space.PIO: 0x1_0000, Space.MMIO: 1 << 64}
+
+
+@runtime_checkable
+class Device(Protocol):
+    """What the bus calls.  ``offset`` is relative to the region's base.
+
+    ``read`` returns an int of ``size`` bytes (little-endian semantics); the
+    bus masks it.  Neither may block: a handler that needs I/O starts it and
+    reports progress through device state (e.g. a BSY bit) or an interrupt.
+    """
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+@dataclass(frozen=True, eq=False)
+class Region:
+    space: Space
+    base: int
+    length: int
+    device: Device
+    mode: HandlerMode
+    name: str
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+    def __repr__(self) -> str:
+        return f"<Region {self.name} {self.space.value} [{self.base:#x}, {self.end:#x}) {self.mode.value}>"
+
+
+@dataclass
+class UnclaimedCounters:
+    reads: int = 0
+    writes: int = 0
+    # Most recent few unclaimed addresses, for diagnostics.
+    last: list[int] = field(default_factory=list)
+
+
+class Bus:
+    """Both address maps of one machine."""
+
+    def __init__(self) -> None:
+        self._regions: dict[Space, list[Region]] = {Space.PIO: [], Space.MMIO: []}
+        self._starts: dict[Space, list[int]] = {Space.PIO: [], Space.MMIO: []}
+        # PIO is small: a direct port -> region table makes lookup one dict hit.
+        self._pio_index: dict[int, Region] = {}
+        self.unclaimed = {Space.PIO: UnclaimedCounters(), Space.MMIO: UnclaimedCounters()}
+        self._lock = threading.Lock()  # registration vs lookups from vCPU threads
+
+    # -- registration ---------------------------------------------------------
+    def register(
+        self, space: Space, base: int, length: int, device: Device, *,
+        mode: HandlerMode = HandlerMode.LOOP, name: str | None = None,
+    ) -> Region:
+        space = Space(space)
+        mode = HandlerMode(mode)
+        name = name or type(device).__name__
+        if length <= 0:
+            raise ConfigError(f"{name}: region length must be positive, got {length}")
+        if base < 0 or base + length > SPACE_LIMIT[space]:
+            raise ConfigError(f"{name}: {space.value} range [{base:#x}, {base + length:#x}) is out of bounds")
+        if not (callable(getattr(device, "read", None)) and callable(getattr(device, "write", None))):
+            raise ConfigError(f"{name}: a device needs read(offset, size) and write(offset, size, value)")
+        region = Region(space, base, length, device, mode, name)
+        with self._lock:
+            regions, starts = self._regions[space], self._starts[space]
+            i = bisect.bisect_left(starts, base)
+            for neighbour in regions[max(i - 1, 0):i + 1]:
+                if neighbour.base < region.end and base < neighbour.end:
+                    raise ConfigError(
+                        f"{name}: {space.value} [{base:#x}, {region.end:#x}) overlaps "
+                        f"{neighbour.name} [{neighbour.base:#x}, {neighbour.end:#x})"
+                    )
+            regions.insert(i, region)
+            starts.insert(i, base)
+            if space is Space.PIO:
+                for port in range(base, region.end):
+                    self._pio_index[port] = region
+        return region
+
+    def register_pio(self, base: int, length: int, device: Device, **kw) -> Region:
+        return self.register(Space.PIO, base, length, device, **kw)
+
+    def register_mmio(self, base: int, length: int, device: Device, **kw) -> Region:
+        return self.register(Space.MMIO, base, length, device, **kw)
+
+    def unregister(self, region: Region) -> None:
+        with self._lock:
+            regions, starts = self._regions[region.space], self._starts[region.space]
+            i = regions.index(region)
+            del regions[i]
+            del starts[i]
+            if region.space is Space.PIO:
+                for port in range(region.base, region.end):
+                    self._pio_index.pop(port, None)
+
+    def regions(self, space: Space | None = None) -> list[Region]:
+        if space is None:
+            return self._regions[Space.PIO] + self._regions[Space.MMIO]
+        return list(self._regions[Space(space)])
+
+    # -- lookup -----------------------------------------------------------------
+    def find_pio(self, port: int, size: int) -> Region | None:
+        region = self._pio_index.get(port)
+        if region is not None and port + size <= region.end:
+            return region
+        return None
+
+    def find_mmio(self, addr: int, size: int) -> Region | None:
+        starts = self._starts[Space.MMIO]
+        i = bisect.bisect_right(starts, addr) - 1
+        if i >= 0:
+            region = self._regions[Space.MMIO][i]
+            if addr + size <= region.end:
+                return region
+        return None
+
+    def find(self, space: Space, addr: int, size: int) -> Region | None:
+        return self.find_pio(addr, size) if space is Space.PIO else self.find_mmio(addr, size)
+
+    def note_unclaimed(self, space: Space, addr: int, is_write: bool) -> None:
+        counters = self.unclaimed[space]
+        if is_write:
+            counters.writes += 1
+        else:
+            counters.reads += 1
+        if len(counters.last) >= 8:
+            del counters.last[0]
+        counters.last.append(addr)

@@ -1,0 +1,1 @@
+"""CPU backends: each produces one normalized stream of exits (``exits.py``)."""
