@@ -182,6 +182,35 @@ def load_image(image: ElfImage, memory: GuestMemory) -> None:
         raise ConfigError(f"{image.path}: PVH entry {image.entry32:#x} is outside guest RAM")
 
 
+# Holes QEMU microvm's memory map reports (measured with QEMU 7.2): the EBDA,
+# the BIOS area, and the pages KVM uses for the identity map and TSS.
+EBDA_START = 0x9FC00
+LOW_RAM_END = 0xA0000
+BIOS_START = 0xF0000
+HIGH_MEMORY = 0x100000
+KVM_PRIVATE_START = 0xFEFFC000
+KVM_PRIVATE_SIZE = 0x4000
+
+
+def e820_map(memory: GuestMemory) -> list[tuple[int, int, int]]:
+    """The memory map QEMU microvm gives a PVH guest, sorted by address.
+
+    Guests that sum the RAM entries see the same size under both VMMs.
+    """
+    entries: list[tuple[int, int, int]] = []
+    for start, size in memory.ram_ranges():
+        if start == 0:
+            entries.append((0, EBDA_START, E820_RAM))
+            entries.append((EBDA_START, LOW_RAM_END - EBDA_START, E820_RESERVED))
+            entries.append((BIOS_START, HIGH_MEMORY - BIOS_START, E820_RESERVED))
+            if size > HIGH_MEMORY:
+                entries.append((HIGH_MEMORY, size - HIGH_MEMORY, E820_RAM))
+        else:
+            entries.append((start, size, E820_RAM))
+    entries.append((KVM_PRIVATE_START, KVM_PRIVATE_SIZE, E820_RESERVED))
+    return sorted(entries)
+
+
 def write_start_info(memory: GuestMemory, cmdline: str) -> int:
     """Write ``hvm_start_info`` v1, the memory map and the command line.
 
@@ -192,7 +221,7 @@ def write_start_info(memory: GuestMemory, cmdline: str) -> int:
         raise ConfigError(f"command line is {len(raw) - 1} bytes; the limit is {CMDLINE_MAX - 1}")
     if b"\0" in raw[:-1]:
         raise ConfigError("command line contains a NUL byte")
-    memmap = [(start, size, E820_RAM) for start, size in memory.ram_ranges()]
+    memmap = e820_map(memory)
     if len(memmap) > MEMMAP_MAX_ENTRIES:  # pragma: no cover - two regions at most today
         raise ConfigError("too many memory map entries")
     try:

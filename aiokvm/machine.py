@@ -33,9 +33,10 @@ from .metrics import merge_counts
 
 log = structlog.get_logger("aiokvm.machine")
 
-# Addresses KVM needs on Intel hosts (unused on others); QEMU's choices.
-TSS_ADDR = 0xFFFB_D000
-IDENTITY_MAP_ADDR = 0xFFFB_C000
+# Addresses KVM needs on Intel hosts (unused on others); QEMU's choices, and
+# reserved in the e820 map (boot.KVM_PRIVATE_START).
+IDENTITY_MAP_ADDR = 0xFEFF_C000
+TSS_ADDR = 0xFEFF_D000
 
 _machine_ids = itertools.count(1)
 

@@ -75,7 +75,7 @@ void delay_us(uint64_t us);
 #define LAPIC_BASE 0xfee00000ul
 uint32_t lapic_read(uint32_t reg);
 void lapic_write(uint32_t reg, uint32_t v);
-unsigned int cpu_apic_id(void);   /* CPUID.1:EBX[31:24] */
+unsigned int cpu_apic_id(void);   /* LAPIC ID register [31:24] */
 /* Copies the trampoline and sends INIT-SIPI-SIPI.  If dest < 0 the IPIs
  * are broadcast to all-excluding-self, otherwise sent to APIC ID dest.
  * Each AP that arrives calls fn() on its own stack, then halts. */

@@ -16,7 +16,8 @@ void crt_start(struct hvm_start_info *si);
 void exception_entry(const uint64_t *frame);
 void idt_load(void);
 
-__attribute__((weak)) const int guest_ring0_only = 0;
+/* Weak reference: resolves to address 0 unless a program defines it. */
+extern const int guest_ring0_only __attribute__((weak));
 
 /* ---- exit ---- */
 void guest_exit(uint32_t code)
@@ -69,7 +70,10 @@ void idt_load(void)
 	__asm__ volatile("lidt %0" : : "m"(idt_ptr));
 }
 
-/* ---- TSS (only rsp0 matters: stack for exceptions from ring 3) ---- */
+/* ---- TSS: rsp0 for exceptions from ring 3, plus an all-zero I/O
+ * permission bitmap.  Ring-3 port I/O is allowed by IOPL=3 *and* by the
+ * bitmap; some hypervisors (e.g. PVM) do not preserve a guest's virtual
+ * IOPL in user mode but do honour the bitmap when emulating in/out. ---- */
 struct tss64 {
 	uint32_t reserved0;
 	uint64_t rsp[3];
@@ -78,6 +82,8 @@ struct tss64 {
 	uint64_t reserved2;
 	uint16_t reserved3;
 	uint16_t iomap_base;
+	uint8_t iomap[65536 / 8];
+	uint8_t iomap_end;   /* must be 0xff */
 } __attribute__((packed));
 
 static struct tss64 tss __attribute__((aligned(16)));
@@ -88,7 +94,8 @@ static void tss_init(void)
 	uint64_t limit = sizeof(tss) - 1;
 
 	tss.rsp[0] = (uint64_t)rsp0_stack_top;
-	tss.iomap_base = sizeof(tss);   /* no I/O bitmap; IOPL governs */
+	tss.iomap_base = __builtin_offsetof(struct tss64, iomap);
+	tss.iomap_end = 0xff;   /* iomap[] itself is zero (bss): all allowed */
 	gdt[GDT_TSS_INDEX] = (limit & 0xffff) | ((base & 0xffffff) << 16) |
 			     (0x89ull << 40) |               /* present, 64-bit TSS */
 			     (((limit >> 16) & 0xf) << 48) |
@@ -187,7 +194,7 @@ void crt_start(struct hvm_start_info *si)
 
 	uint64_t cpl = opt_u64("cpl", 0);
 
-	if (cpl == 3 && !guest_ring0_only)
+	if (cpl == 3 && !(&guest_ring0_only && guest_ring0_only))
 		/* IOPL=3 (bits 12-13), IF=0, reserved bit 1. RSP is set as
 		 * if run_main had been called (RSP+8 16-byte aligned). */
 		enter_user(run_main, (uint64_t)user_stack_top - 8, 0x3002);

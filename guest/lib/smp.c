@@ -70,12 +70,11 @@ void lapic_write(uint32_t reg, uint32_t v)
 	mmio_write32(LAPIC_BASE + reg, v);
 }
 
+/* The LAPIC ID register rather than CPUID.1:EBX[31:24]: some nested
+ * hypervisors do not trap CPUID at CPL 3 and would report host values. */
 unsigned int cpu_apic_id(void)
 {
-	uint32_t a, b, c, d;
-
-	cpuid(1, 0, &a, &b, &c, &d);
-	return b >> 24;
+	return lapic_read(LAPIC_ID) >> 24;
 }
 
 static void send_ipi(uint32_t hi, uint32_t lo)

@@ -1,0 +1,96 @@
+"""The CLI as a user runs it: exit statuses and one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def aiokvm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aiokvm", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, status: int, fragment: str) -> None:
+    assert proc.returncode == status, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert fragment in lines[0]
+
+
+@pytest.mark.kvm
+def test_run_hello_prints_and_exits_with_the_guest_code():
+    proc = aiokvm("run", "hello")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "Hello from aiokvm guest\nmemory: 63 MiB\n"
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.kvm
+def test_run_stats_reports_exact_port_writes():
+    proc = aiokvm("run", "exitloop", "--cmdline", "n=10000 port=0x80", "--stats")
+    assert proc.returncode == 0, proc.stderr
+    assert "exitloop: done 10000" in proc.stdout
+    line = next(line for line in proc.stderr.splitlines() if "0x80/out" in line)
+    assert line.split()[-1] == "10000"
+
+
+@pytest.mark.kvm
+def test_guest_exit_code_becomes_process_status(tmp_path):
+    # The exception handler of the guest kit exits with 3 on a fault in ring 3.
+    proc = aiokvm("run", "exitloop", "--cmdline", "n=5", "--vcpus", "1")
+    assert proc.returncode == 0
+
+
+@pytest.mark.kvm
+def test_triple_fault_is_one_line_status_2():
+    proc = aiokvm("run", "triplefault")
+    assert_one_line_error(proc, 2, "triple-fault")
+
+
+@pytest.mark.kvm
+def test_timeout_is_one_line_status_124():
+    proc = aiokvm("run", "exitloop", "--cmdline", "n=1000000000", "--timeout", "0.5")
+    assert_one_line_error(proc, 124, "did not finish")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("run", "no-such-guest"), "no bundled guest named"),
+    (("run", "/etc/passwd"), "not an ELF"),
+    (("run", "/nonexistent/dir/x.elf"), "no such guest image"),
+    (("run", "hello", "--memory", "lots"), "invalid memory size"),
+    (("run", "hello", "--memory", "100T"), "exceeds host RAM"),
+    (("run", "hello", "--vcpus", "0"), "vcpus"),
+    (("run", "hello", "--vcpus", "two"), "invalid int"),
+    (("run", "hello", "--handoff", "pigeon"), "unknown handoff"),
+    (("run",), "required"),
+    (("frobnicate",), "invalid choice"),
+])
+def test_bad_arguments_are_one_line_status_2(args, fragment):
+    assert_one_line_error(aiokvm(*args), 2, fragment)
+
+
+def test_truncated_elf_is_one_line(tmp_path):
+    from aiokvm import guests
+
+    bad = tmp_path / "cut.elf"
+    bad.write_bytes(guests.path("hello").read_bytes()[:100])
+    assert_one_line_error(aiokvm("run", str(bad)), 2, "truncated")
+
+
+def test_debug_shows_the_traceback():
+    proc = aiokvm("run", "/etc/passwd", "--debug")
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr
+
+
+@pytest.mark.kvm
+def test_info_lists_capabilities_and_guests():
+    proc = aiokvm("info")
+    assert proc.returncode == 0
+    assert "KVM API version 12" in proc.stdout
+    assert "IOEVENTFD" in proc.stdout
+    assert "hello" in proc.stdout
