@@ -12,18 +12,18 @@ from __future__ import annotations
 import bisect
 import threading
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from .errors import ConfigError
 
 
-class Space(str, Enum):
+class Space(StrEnum):
     PIO = "pio"
     MMIO = "mmio"
 
 
-class HandlerMode(str, Enum):
+class HandlerMode(StrEnum):
     INLINE = "inline"  # runs in the vCPU thread, returns at once
     LOOP = "loop"      # runs on the asyncio loop; the vCPU waits for it
 

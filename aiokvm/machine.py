@@ -237,7 +237,7 @@ class Machine:
                 thread.start()
             try:
                 outcome = await asyncio.wait_for(asyncio.shield(self._outcome), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise MachineTimeout(
                     f"guest {self._loaded.name} did not finish within {timeout:g}s"
                 ) from None

@@ -106,7 +106,7 @@ class GuestMemory:
     def _locate(self, addr: int, length: int) -> tuple[memoryview, int]:
         if length < 0 or addr < 0:
             raise GuestMemoryError(addr, length)
-        for region, view in zip(self.regions, self._views):
+        for region, view in zip(self.regions, self._views, strict=True):
             if region.start <= addr and addr + length <= region.end:
                 return view, addr - region.start
         raise GuestMemoryError(addr, length)

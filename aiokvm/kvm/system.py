@@ -6,7 +6,7 @@ import errno
 import os
 
 from ..errors import KvmError, KvmUnavailableError
-from ._ffi import ffi, ioctl, ioctl_int, lib
+from ._ffi import ffi, ioctl_int, lib
 
 DEV_KVM = "/dev/kvm"
 

@@ -46,7 +46,7 @@ def test_read_write_roundtrip_and_views_share_storage():
 @given(addr=st.integers(min_value=-(2**64), max_value=2**65), length=st.integers(min_value=-10, max_value=2**33))
 def test_out_of_range_access_is_guest_memory_error(addr, length):
     with GuestMemory("2M") as mem:
-        inside = 0 <= addr and 0 <= length and addr + length <= 2 * MiB
+        inside = addr >= 0 and length >= 0 and addr + length <= 2 * MiB
         if inside:
             assert len(mem.view(addr, length)) == length
         else:
