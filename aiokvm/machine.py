@@ -231,7 +231,6 @@ class Machine:
             VcpuThread(vcpu, self.dispatcher, on_exit=self._on_exit, on_stop=self._on_vcpu_stop, context=context)
             for vcpu in self.vcpus
         ]
-        self._log.debug("starting", vcpus=self.vcpu_count, guest=str(self._loaded))
         try:
             for thread in self._threads:
                 thread.start()

@@ -55,6 +55,12 @@ long_entry:
         testl   %edi, %edi
         jnz     ap_long_entry
         movq    $boot_stack_top, %rsp
+        movq    $__bss_start, %rdi      /* zero .bss (stacks excluded) */
+        movq    $__bss_end, %rcx
+        subq    %rdi, %rcx
+        shrq    $3, %rcx
+        xorl    %eax, %eax
+        rep stosq
         movl    %esi, %edi
         call    crt_start               /* never returns               */
         jmp     halt_forever
@@ -195,9 +201,10 @@ pd:
         .endr
 
 /* ------------------------------------------------------------------ */
-/* Stacks (not zeroed at boot; NOBITS).                                */
+/* Stacks: NOBITS, placed after __bss_end so boot-time zeroing skips  */
+/* them (the boot stack is live while .bss is cleared).                */
 /* ------------------------------------------------------------------ */
-        .section .bss.stacks, "aw", @nobits
+        .section .stacks, "aw", @nobits
         .balign 4096
         .skip   BOOT_STACK_SIZE
 boot_stack_top:
