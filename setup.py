@@ -22,9 +22,12 @@ class BuildPyWithGuests(build_py):
             out = os.path.join(HERE, "aiokvm", "guests")
         else:
             out = os.path.join(os.path.abspath(self.build_lib), "aiokvm", "guests")
+        # Objects stay out of the package directory (and so out of the wheel).
+        objdir = os.path.join(HERE, "guest", "build", "obj")
         os.makedirs(out, exist_ok=True)
         try:
-            subprocess.run(["make", "-s", "-C", os.path.join(HERE, "guest"), f"O={out}"], check=True)
+            subprocess.run(["make", "-s", "-C", os.path.join(HERE, "guest"), f"O={out}", f"OBJDIR={objdir}"],
+                           check=True)
         except (OSError, subprocess.CalledProcessError) as exc:
             sys.exit(f"aiokvm: building the guest kit failed ({exc}); gcc, binutils and make are needed")
 
