@@ -39,10 +39,11 @@ def test_run_stats_reports_exact_port_writes():
 
 
 @pytest.mark.kvm
-def test_guest_exit_code_becomes_process_status(tmp_path):
-    # The exception handler of the guest kit exits with 3 on a fault in ring 3.
-    proc = aiokvm("run", "exitloop", "--cmdline", "n=5", "--vcpus", "1")
-    assert proc.returncode == 0
+def test_guest_exit_code_becomes_process_status():
+    # smp waits for 2 CPUs but gets 1: it reports the timeout and exits with 1.
+    proc = aiokvm("run", "smp", "--vcpus", "1", "--cmdline", "cpus=2 timeout_ms=200")
+    assert "smp: timeout, 1 of 2 online" in proc.stdout
+    assert proc.returncode == 1, proc.stderr
 
 
 @pytest.mark.kvm

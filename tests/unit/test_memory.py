@@ -74,3 +74,4 @@ def test_large_memory_is_split_around_the_mmio_hole():
             mem.read(BELOW_4G_LIMIT, 1)  # the hole is not RAM
         with pytest.raises(GuestMemoryError):
             mem.read(BELOW_4G_LIMIT - 1, 2)  # nor is a range spanning into it
+
