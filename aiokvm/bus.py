@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from .errors import ConfigError
+from .kvm import ffi, lib
 
 
 class Space(StrEnum):
@@ -29,6 +30,7 @@ class HandlerMode(StrEnum):
 
 
 SPACE_LIMIT = {Space.PIO: 0x1_0000, Space.MMIO: 1 << 64}
+_C_MODE = {HandlerMode.INLINE: lib.AIOKVM_INLINE, HandlerMode.LOOP: lib.AIOKVM_LOOP}
 
 
 @runtime_checkable
@@ -53,6 +55,8 @@ class Region:
     device: Device
     mode: HandlerMode
     name: str
+    #: small integer the C vCPU loop reports for this region
+    id: int = -1
 
     @property
     def end(self) -> int:
@@ -80,6 +84,11 @@ class Bus:
         self._pio_index: dict[int, Region] = {}
         self.unclaimed = {Space.PIO: UnclaimedCounters(), Space.MMIO: UnclaimedCounters()}
         self._lock = threading.Lock()  # registration vs lookups from vCPU threads
+        # The C vCPU loop's view: a port table (id << 2 | mode per port, shared
+        # by every vCPU) and a short MMIO region list copied into each vCPU.
+        self.regions_by_id: list[Region | None] = []
+        self.pio_table = ffi.new("uint16_t[65536]")
+        self._listeners: list = []
 
     # -- registration ---------------------------------------------------------
     def register(
@@ -95,8 +104,9 @@ class Bus:
             raise ConfigError(f"{name}: {space.value} range [{base:#x}, {base + length:#x}) is out of bounds")
         if not (callable(getattr(device, "read", None)) and callable(getattr(device, "write", None))):
             raise ConfigError(f"{name}: a device needs read(offset, size) and write(offset, size, value)")
-        region = Region(space, base, length, device, mode, name)
         with self._lock:
+            region_id = self._free_id()
+            region = Region(space, base, length, device, mode, name, region_id)
             regions, starts = self._regions[space], self._starts[space]
             i = bisect.bisect_left(starts, base)
             for neighbour in regions[max(i - 1, 0):i + 1]:
@@ -105,12 +115,48 @@ class Bus:
                         f"{name}: {space.value} [{base:#x}, {region.end:#x}) overlaps "
                         f"{neighbour.name} [{neighbour.base:#x}, {neighbour.end:#x})"
                     )
+            if space is Space.MMIO and len(regions) >= lib.AIOKVM_MAX_MMIO_REGIONS:
+                raise ConfigError(f"{name}: at most {lib.AIOKVM_MAX_MMIO_REGIONS} MMIO regions per machine")
             regions.insert(i, region)
             starts.insert(i, base)
+            if region_id == len(self.regions_by_id):
+                self.regions_by_id.append(region)
+            else:
+                self.regions_by_id[region_id] = region
             if space is Space.PIO:
+                entry = region_id << 2 | _C_MODE[mode]
                 for port in range(base, region.end):
                     self._pio_index[port] = region
+                    self.pio_table[port] = entry
+        self._changed()
         return region
+
+    def _free_id(self) -> int:
+        for i, r in enumerate(self.regions_by_id):
+            if r is None:
+                return i
+        if len(self.regions_by_id) >= lib.AIOKVM_MAX_REGIONS:
+            raise ConfigError(f"at most {lib.AIOKVM_MAX_REGIONS} regions per machine")
+        return len(self.regions_by_id)
+
+    def on_change(self, callback) -> None:
+        """Call ``callback()`` after every (un)registration (the C tables follow)."""
+        self._listeners.append(callback)
+
+    def _changed(self) -> None:
+        for callback in self._listeners:
+            callback()
+
+    def fill_mmio_table(self, vcpu_ctx) -> None:
+        """Copy the MMIO map into a C vCPU context (``struct aiokvm_vcpu``)."""
+        regions = self._regions[Space.MMIO]
+        for i, region in enumerate(regions):
+            slot = vcpu_ctx.mmio[i]
+            slot.base = region.base
+            slot.end = region.end
+            slot.id = region.id
+            slot.mode = _C_MODE[region.mode]
+        vcpu_ctx.n_mmio = len(regions)
 
     def register_pio(self, base: int, length: int, device: Device, **kw) -> Region:
         return self.register(Space.PIO, base, length, device, **kw)
@@ -124,9 +170,12 @@ class Bus:
             i = regions.index(region)
             del regions[i]
             del starts[i]
+            self.regions_by_id[region.id] = None
             if region.space is Space.PIO:
                 for port in range(region.base, region.end):
                     self._pio_index.pop(port, None)
+                    self.pio_table[port] = 0
+        self._changed()
 
     def regions(self, space: Space | None = None) -> list[Region]:
         if space is None:

@@ -75,7 +75,7 @@ def _fail(message: str) -> int:
 
 
 async def _run(args) -> int:
-    from .dispatch import DEFAULT_HANDOFF
+    from .handoff import DEFAULT_HANDOFF
     from .machine import Machine
 
     out = sys.stdout.buffer

@@ -1,106 +1,31 @@
-"""How an exit reaches its device handler.
+"""How an access reaches its device handler.
 
-``Dispatcher.dispatch_io`` / ``dispatch_mmio`` run in the vCPU thread.  They
-find the region on the bus, then either call the device there (inline) or
-hand the access to the asyncio loop and wait for it (loop-hosted).  String
-I/O (``count > 1``) is dispatched element by element within the one exit,
-and a loop-hosted string access costs one handoff, not one per element.
+The C vCPU loop (``aiokvm/kvm/_vcpu_loop.h``) finishes unclaimed accesses
+itself and describes every other one in its ``struct aiokvm_vcpu``
+(kind, region id, address, size, count, value).  The ``Dispatcher`` turns
+that into a device call:
 
-The handoff is a pluggable ``Handoff``: the vCPU thread calls
-``handoff.call(fn, arg)`` and gets ``fn(arg)``'s result after it ran on the
-loop.  ``EventHandoff`` is the simple, correct baseline
-(``call_soon_threadsafe`` plus a per-vCPU ``threading.Event``).
+- ``inline_access(ctx)`` in the vCPU thread, for inline regions (and for
+  loop-hosted ones under a Python-level handoff, which it hands off);
+- ``serve_slot(ctx)`` on the asyncio loop, for loop-hosted accesses posted
+  by the C loop (``spin`` / ``wake`` / ``futex`` handoffs).
+
+A *simple* access (one element of at most 8 bytes) travels as an integer.
+String I/O (``rep ins/outs``, ``count > 1``) is decoded from ``kvm_run`` and
+dispatched element by element within the one exit (``dispatch_io``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Callable
-from typing import Any, Protocol
-
 import structlog
 
-from .bus import Bus, HandlerMode, Region, Space
-from .cpu.exits import Direction, IoExit, MmioExit
+from .bus import Bus, HandlerMode, Region
+from .cpu.exits import Direction, IoExit
 from .errors import DeviceError
-from .metrics import VcpuMetrics
+from .handoff import MASKS
+from .kvm import ffi, lib
 
 log = structlog.get_logger("aiokvm.dispatch")
-
-_DIR_NAME = {Direction.IN: "in", Direction.OUT: "out"}
-
-
-class HandoffCancelled(Exception):
-    """The machine is stopping; a pending loop-hosted access was abandoned."""
-
-
-class Handoff(Protocol):
-    """Runs ``fn(arg)`` on the loop on behalf of a vCPU thread, and waits."""
-
-    name: str
-
-    def call(self, vcpu: int, fn: Callable[[Any], Any], arg: Any) -> Any: ...
-
-    def cancel_all(self) -> None: ...
-
-
-class _Slot:
-    __slots__ = ("event", "result", "error", "cancelled")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.cancelled = False
-
-
-class EventHandoff:
-    """``call_soon_threadsafe`` + ``threading.Event``: correct, two wakeups per exit."""
-
-    name = "event"
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, vcpus: int) -> None:
-        self._loop = loop
-        self._slots = [_Slot() for _ in range(vcpus)]
-        self._stopping = False
-
-    def call(self, vcpu: int, fn: Callable[[Any], Any], arg: Any) -> Any:
-        slot = self._slots[vcpu]
-        if self._stopping:
-            raise HandoffCancelled
-        slot.event.clear()
-        slot.error = None
-        try:
-            self._loop.call_soon_threadsafe(self._run, slot, fn, arg)
-        except RuntimeError:  # loop closed under us
-            raise HandoffCancelled from None
-        slot.event.wait()
-        if self._stopping and not slot.event.is_set():  # pragma: no cover - defensive
-            raise HandoffCancelled
-        if slot.cancelled:
-            raise HandoffCancelled
-        if slot.error is not None:
-            raise slot.error
-        return slot.result
-
-    @staticmethod
-    def _run(slot: _Slot, fn: Callable[[Any], Any], arg: Any) -> None:
-        try:
-            slot.result = fn(arg)
-        except BaseException as exc:  # carried back to the vCPU thread
-            slot.error = exc
-        slot.event.set()
-
-    def cancel_all(self) -> None:
-        self._stopping = True
-        for slot in self._slots:
-            slot.cancelled = True
-            slot.event.set()
-
-
-HANDOFFS: dict[str, type] = {"event": EventHandoff}
-DEFAULT_HANDOFF = "event"
 
 
 def _mask(size: int) -> int:
@@ -108,50 +33,73 @@ def _mask(size: int) -> int:
 
 
 class Dispatcher:
-    """Routes I/O exits to devices on one machine's bus."""
+    """Routes accesses to devices on one machine's bus."""
 
-    def __init__(self, bus: Bus, handoff: Handoff) -> None:
+    def __init__(self, bus: Bus, handoff=None) -> None:
         self.bus = bus
+        #: a Python-level handoff (``EventHandoff``/``LockHandoff``) or None
         self.handoff = handoff
+        self._regions = bus.regions_by_id
 
-    # -- port I/O -----------------------------------------------------------------
-    def dispatch_io(self, vcpu: int, metrics: VcpuMetrics, exit: IoExit) -> bytes:
-        """Perform a port access; returns the bytes read (IN) or b"" (OUT)."""
-        key = (exit.port, _DIR_NAME[exit.direction])
-        metrics.pio[key] += 1
-        metrics.pio_elements[key] += exit.count
-        region = self.bus.find_pio(exit.port, exit.size)
-        if region is None:
-            is_write = exit.direction is Direction.OUT
-            for _ in range(exit.count):
-                self.bus.note_unclaimed(Space.PIO, exit.port, is_write)
-            return b"" if is_write else b"\xff" * (exit.size * exit.count)
-        metrics.paths[(region.name, region.mode.value)] += 1
-        if region.mode is HandlerMode.INLINE:
-            return _perform_io((region, exit))
-        return self.handoff.call(vcpu, _perform_io, (region, exit))
+    # -- the C loop's accesses ----------------------------------------------------------
+    def inline_access(self, vcpu: int, ctx) -> int:
+        """Handle the access the C loop returned with; returns the read value."""
+        region = self._regions[ctx.region]
+        if region.mode is HandlerMode.LOOP and self.handoff is not None:
+            return self.handoff.call(vcpu, self.perform, ctx)
+        return self.perform(ctx)
 
-    # -- MMIO -----------------------------------------------------------------------
-    def dispatch_mmio(self, vcpu: int, metrics: VcpuMetrics, exit: MmioExit) -> bytes:
-        region = self.bus.find_mmio(exit.addr, exit.size)
-        direction = "write" if exit.is_write else "read"
-        if region is None:
-            metrics.mmio[("unclaimed", direction)] += 1
-            self.bus.note_unclaimed(Space.MMIO, exit.addr, exit.is_write)
-            return b"" if exit.is_write else b"\xff" * exit.size
-        metrics.mmio[(region.name, direction)] += 1
-        metrics.paths[(region.name, region.mode.value)] += 1
-        if region.mode is HandlerMode.INLINE:
-            return _perform_mmio((region, exit))
-        return self.handoff.call(vcpu, _perform_mmio, (region, exit))
+    def serve_slot(self, ctx) -> None:
+        """Loop side of the C handoffs: run a claimed access and complete the slot."""
+        try:
+            value = self.perform(ctx)
+        except BaseException:
+            lib.aiokvm_cancel(ctx)  # the vCPU gives up; the error stops the machine
+            raise
+        lib.aiokvm_complete(ctx, value)
+
+    def perform(self, ctx) -> int:
+        """Call the device for the access described by ``ctx``."""
+        region = self._regions[ctx.region]
+        kind = ctx.kind
+        if ctx.simple:
+            size = ctx.size
+            offset = ctx.addr - region.base
+            try:
+                if kind & 1:  # IO_OUT / MMIO_WRITE
+                    region.device.write(offset, size, ctx.value)
+                    return 0
+                return region.device.read(offset, size) & MASKS[size]
+            except DeviceError:
+                raise
+            except Exception as exc:
+                raise _device_failure(region, _describe(kind, ctx.addr, size), exc) from exc
+        # String I/O: decode from kvm_run, dispatch per element, write back.
+        run = ctx.run
+        base = ffi.cast("uint8_t *", run)
+        io = run.io
+        direction = Direction(io.direction)
+        data = b""
+        if direction is Direction.OUT:
+            data = bytes(ffi.buffer(base + io.data_offset, io.size * io.count))
+        result = perform_io(region, IoExit(io.port, io.size, direction, io.count, data))
+        if result:
+            ffi.memmove(base + io.data_offset, result, len(result))
+        return 0
+
+
+def _describe(kind: int, addr: int, size: int) -> str:
+    names = {lib.AIOKVM_IO_IN: "in port", lib.AIOKVM_IO_OUT: "out port",
+             lib.AIOKVM_MMIO_READ: "mmio read", lib.AIOKVM_MMIO_WRITE: "mmio write"}
+    return f"{names.get(kind, 'access')} {addr:#x} size {size}"
 
 
 def _device_failure(region: Region, what: str, exc: Exception) -> DeviceError:
     return DeviceError(f"device {region.name} failed on {what}: {type(exc).__name__}: {exc}")
 
 
-def _perform_io(job: tuple[Region, IoExit]) -> bytes:
-    region, exit = job
+def perform_io(region: Region, exit: IoExit) -> bytes:
+    """Perform a port access element by element; returns the bytes read (IN) or b"" (OUT)."""
     device, size, offset = region.device, exit.size, exit.port - region.base
     try:
         if exit.direction is Direction.OUT:
@@ -170,19 +118,4 @@ def _perform_io(job: tuple[Region, IoExit]) -> bytes:
         raise
     except Exception as exc:
         what = f"{'out' if exit.direction is Direction.OUT else 'in'} port {exit.port:#x} size {size}"
-        raise _device_failure(region, what, exc) from exc
-
-
-def _perform_mmio(job: tuple[Region, MmioExit]) -> bytes:
-    region, exit = job
-    offset, size = exit.addr - region.base, exit.size
-    try:
-        if exit.is_write:
-            region.device.write(offset, size, int.from_bytes(exit.data, "little"))
-            return b""
-        return (region.device.read(offset, size) & _mask(size)).to_bytes(size, "little")
-    except DeviceError:
-        raise
-    except Exception as exc:
-        what = f"mmio {'write' if exit.is_write else 'read'} {exit.addr:#x} size {size}"
         raise _device_failure(region, what, exc) from exc

@@ -73,3 +73,7 @@ class DeviceError(GuestError):
 
 class MachineTimeout(AiokvmError, TimeoutError):
     """``Machine.run(timeout=...)`` elapsed before the guest finished."""
+
+
+class HandoffCancelled(Exception):
+    """Internal: the machine is stopping; a pending loop-hosted access was abandoned."""

@@ -25,11 +25,14 @@ from .cpu.exits import FailEntry, Halt, InternalError, Shutdown, SystemEvent, Sy
 from .cpu.kvm import VcpuThread, guest_error
 from .devices.console import COM1_IRQ, COM1_PORT, SerialConsole
 from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
-from .dispatch import DEFAULT_HANDOFF, HANDOFFS, Dispatcher, HandoffCancelled
-from .errors import AiokvmError, ConfigError, GuestError, MachineTimeout
+from .dispatch import Dispatcher
+from .errors import AiokvmError, ConfigError, GuestError, HandoffCancelled, MachineTimeout
+from .handoff import C_MECHANISMS, DEFAULT_HANDOFF, HANDOFFS, EventHandoff, LockHandoff, SlotServer
 from .kvm import Kvm
+from .kvm.stats import KvmStats
 from .memory import GuestMemory
-from .metrics import merge_counts
+from .metrics import STATS_SCHEMA, LatencyRecorder, merge_counts, mode_split, vcpu_stats
+from .procstat import diff, read_thread_times_precise
 
 log = structlog.get_logger("aiokvm.machine")
 
@@ -64,6 +67,9 @@ class Machine:
         vcpus: int = 1,
         *,
         handoff: str = DEFAULT_HANDOFF,
+        spin_us: float = 200.0,
+        poll_window_us: float = 500.0,
+        sample_every: int = 16,
         serial_output: Any = None,
         serial_input: Any = None,
         name: str | None = None,
@@ -77,6 +83,11 @@ class Machine:
         self.memory_size = validate_memory_size(parse_size(memory))
         self.vcpu_count = vcpus
         self.handoff_name = handoff
+        self._spin_us = spin_us
+        self._poll_window_us = poll_window_us
+        self._sample_every = sample_every
+        self._slot_server: SlotServer | None = None
+        self._paused = False
         self.name = name or f"vm{next(_machine_ids)}"
         self._serial_output = serial_output
         self._serial_input = serial_input
@@ -128,13 +139,20 @@ class Machine:
             self.vm.set_user_memory_region(slot, region.start, region.size, self.memory.host_address(region))
         supported = self.kvm.supported_cpuid()
         self.vcpus = []
+        self._kvm_stats: list[KvmStats] = []
         for index in range(self.vcpu_count):
             vcpu = self.vm.create_vcpu(index)
             self.vcpus.append(vcpu)
             vcpu.set_cpuid2(_cpuid_for(supported, index, self.vcpu_count))
+        if self.kvm.check_extension("BINARY_STATS_FD"):
+            self._kvm_stats = [KvmStats.for_vcpu(vcpu) for vcpu in self.vcpus]
+        self._latency: list[LatencyRecorder] = []
+        self._drain_handle: asyncio.TimerHandle | None = None
         self.bus = Bus()
-        self.handoff = HANDOFFS[self.handoff_name](self._loop, self.vcpu_count)
-        self.dispatcher = Dispatcher(self.bus, self.handoff)
+        python_handoff = {"event": EventHandoff, "lock": LockHandoff}.get(self.handoff_name)
+        self.python_handoff = python_handoff(self._loop, self.vcpu_count) if python_handoff else None
+        self.dispatcher = Dispatcher(self.bus, self.python_handoff)
+        self.bus.on_change(self._refresh_tables)
         self.console = SerialConsole(
             self._loop, irq=lambda level: self.irq_line(COM1_IRQ, level), sink=self._serial_output,
         )
@@ -159,6 +177,9 @@ class Machine:
         console = getattr(self, "console", None)
         if console is not None:
             console.close()
+        for stats in getattr(self, "_kvm_stats", []):
+            stats.close()
+        self._kvm_stats = []
         for vcpu in getattr(self, "vcpus", []):
             vcpu.close()
         self.vcpus = []
@@ -228,9 +249,18 @@ class Machine:
         self._stopping = False
         context = {"vm": self.name}
         self._threads = [
-            VcpuThread(vcpu, self.dispatcher, on_exit=self._on_exit, on_stop=self._on_vcpu_stop, context=context)
+            VcpuThread(vcpu, self.dispatcher, on_exit=self._on_exit, on_stop=self._on_vcpu_stop, context=context,
+                       sample_every=self._sample_every, spin_us=self._spin_us)
             for vcpu in self.vcpus
         ]
+        if self.handoff_name in C_MECHANISMS:
+            self._slot_server = SlotServer(
+                self._loop, self.handoff_name, [t.ctx for t in self._threads], self.dispatcher.serve_slot,
+                on_error=self._on_loop_error, poll_window_us=self._poll_window_us,
+            )
+            self._slot_server.start()
+        self._latency = [LatencyRecorder() for _ in self._threads]
+        self._schedule_drain()
         try:
             for thread in self._threads:
                 thread.start()
@@ -243,6 +273,12 @@ class Machine:
         finally:
             self._request_stop()
             await self._join_vcpus()
+            if self._slot_server is not None:
+                self._slot_server.close()
+            if self._drain_handle is not None:
+                self._drain_handle.cancel()
+                self._drain_handle = None
+            self._drain_samples()
             self.console.drain()
             self._running = False
         if isinstance(outcome, BaseException):
@@ -262,9 +298,7 @@ class Machine:
             if getattr(self, "_stopping", True):
                 return
             self._stopping = True
-        for thread in self._threads:
-            thread.request_stop()
-        self.handoff.cancel_all()
+        self._cancel_handoffs()
         if threading.get_ident() == self._loop_thread:
             self._set_outcome(outcome)
         else:
@@ -280,9 +314,54 @@ class Machine:
     def _request_stop(self) -> None:
         with self._stop_lock:
             self._stopping = True
+        self._cancel_handoffs()
+
+    def _cancel_handoffs(self) -> None:
         for thread in self._threads:
             thread.request_stop()
-        self.handoff.cancel_all()
+        if self.python_handoff is not None:
+            self.python_handoff.cancel_all()
+        if self._slot_server is not None:
+            self._slot_server.cancel_all()
+
+    async def pause(self, timeout: float = 5.0) -> None:
+        """Hold every vCPU outside KVM_RUN; returns once all are parked.
+
+        A loop-hosted access in flight completes first.  ``resume()``
+        continues exactly where each vCPU stopped.
+        """
+        if not self._running:
+            raise ConfigError(f"machine {self.name} is not running")
+        self._paused = True
+        for thread in self._threads:
+            thread.pause()
+        deadline = self._loop.time() + timeout
+        while not all(t.parked.is_set() or not t.thread.is_alive() for t in self._threads):
+            if self._loop.time() > deadline:
+                raise MachineTimeout(f"vCPUs of {self.name} did not park within {timeout:g}s")
+            await asyncio.sleep(0.0005)
+
+    def resume(self) -> None:
+        """Let paused vCPUs run again."""
+        self._paused = False
+        for thread in self._threads:
+            thread.resume()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _refresh_tables(self) -> None:
+        # The port table is shared by pointer; the MMIO list is copied per vCPU.
+        for thread in self._threads:
+            self.bus.fill_mmio_table(thread.ctx)
+
+    def _on_loop_error(self, error: BaseException) -> None:
+        if not isinstance(error, AiokvmError):
+            wrapped = GuestError(f"loop-hosted handler failed: {type(error).__name__}: {error}")
+            wrapped.__cause__ = error
+            error = wrapped
+        self._finish(error)
 
     async def _join_vcpus(self) -> None:
         # Poll instead of join(): the loop must keep running so that nothing a
@@ -338,15 +417,38 @@ class Machine:
     def running(self) -> bool:
         return self._running
 
+    def _schedule_drain(self) -> None:
+        self._drain_samples()
+        self._drain_handle = self._loop.call_later(0.25, self._schedule_drain)
+
+    def _drain_samples(self) -> None:
+        for thread, recorder in zip(self._threads, self._latency, strict=True):
+            recorder.drain(thread.ctx)
+
     def stats(self) -> dict:
-        """Counters as plain data (JSON-ready)."""
-        vcpus = [t.metrics.as_dict() for t in self._threads]
+        """Counters, latency percentiles, mode split and KVM's own counters, as plain data.
+
+        The schema (``"aiokvm.stats/1"``) is documented in docs/stats-schema.md.
+        """
+        if self._threads and self._latency:
+            self._drain_samples()
+        vcpus = []
+        for i, thread in enumerate(self._threads):
+            kvm = self._kvm_stats[i].read() if i < len(self._kvm_stats) and not self._closed else {}
+            kvm = {k: v for k, v in kvm.items() if isinstance(v, int)}
+            vcpus.append(vcpu_stats(
+                thread, self.bus, kvm=kvm, modes=self._modes(thread),
+                latency=self._latency[i].summary() if i < len(self._latency) else None,
+            ))
         unclaimed = {
-            space.value: {"reads": c.reads, "writes": c.writes}
-            for space, c in self.bus.unclaimed.items()
-        } if self._opened and not self._closed or hasattr(self, "bus") else {}
+            "pio": {"reads": sum(v["unclaimed"]["pio_reads"] for v in vcpus),
+                    "writes": sum(v["unclaimed"]["pio_writes"] for v in vcpus)},
+            "mmio": {"reads": sum(v["unclaimed"]["mmio_reads"] for v in vcpus),
+                     "writes": sum(v["unclaimed"]["mmio_writes"] for v in vcpus)},
+        }
+        server = self._slot_server
         return {
-            "schema": "aiokvm.stats/1",
+            "schema": STATS_SCHEMA,
             "vm": self.name,
             "handoff": self.handoff_name,
             "vcpus": vcpus,
@@ -355,7 +457,29 @@ class Machine:
             "mmio": merge_counts(vcpus, "mmio"),
             "paths": merge_counts(vcpus, "paths"),
             "unclaimed": unclaimed,
+            "loop": {"wakeups": server.wakeups, "busy_polls": server.busy_polls,
+                     "idle_sleeps": server.idle_sleeps} if server is not None else {},
         }
+
+    def _modes(self, thread) -> dict:
+        start = thread.times_start
+        if start is None or thread.started_ns is None:
+            return {}
+        end = thread.times_end
+        end_ns = thread.ended_ns
+        if end is None:  # still running: read it live
+            if end_ns is not None or thread.native_id is None:
+                return {}
+            try:
+                end = read_thread_times_precise(thread.native_id)
+            except OSError:
+                return {}
+            import time as _time
+
+            end_ns = _time.monotonic_ns()
+        ctx = thread.ctx
+        return mode_split(diff(start, end), wall_s=(end_ns - thread.started_ns) / 1e9,
+                          spin_wait_s=ctx.spin_wait_ns / 1e9, sleep_wait_s=ctx.sleep_wait_ns / 1e9)
 
 
 def _cpuid_for(supported, index: int, count: int):

@@ -1,8 +1,20 @@
-"""Counters the VMM keeps per vCPU, aggregated per machine as plain data.
+"""Exit accounting: counts, latency histograms and the three-mode time split.
 
-Each vCPU thread owns its ``VcpuMetrics`` and is the only writer, so the hot
-path needs no lock; ``Machine.stats()`` reads them (a slightly stale read is
-fine for counters).
+Sources, cheapest first:
+
+- **The C vCPU loop's counters** (``struct aiokvm_vcpu``): exits by kind,
+  per-port and per-region counts, unclaimed accesses, handoff outcomes, and
+  time spent in KVM_RUN, waiting for loop-hosted handlers, and in Python.
+  Each vCPU thread is the only writer of its counters, so the hot path takes
+  no lock; readers tolerate a slightly stale value.
+- **Latency samples**: the C loop timestamps every handled exit and keeps one
+  of every ``sample_every`` in a ring; ``LatencyRecorder`` drains the ring
+  into HDR histograms (``hdrhistogram``) off the hot path.
+- **/proc/self/task/<tid>/stat** for guest / user / kernel time per vCPU
+  thread (``procstat.py``), and **KVM's binary stats** (``kvm/stats.py``).
+
+``vcpu_stats`` turns all of it into plain data; the schema is documented in
+``docs/stats-schema.md`` (``"schema": "aiokvm.stats/1"``).
 """
 
 from __future__ import annotations
@@ -10,36 +22,165 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from hdrh.histogram import HdrHistogram
+
+from .kvm import ffi, lib
+
+STATS_SCHEMA = "aiokvm.stats/1"
+HIST_MAX_NS = 60 * 10**9
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+#: latency components, in the order the C loop records them
+LATENCIES = ("exit_to_handler", "handler", "handler_to_entry")
+
 
 @dataclass
 class VcpuMetrics:
-    """Exit counts for one vCPU."""
+    """Python-side counts for one vCPU (non-I/O exits, decoded in Python)."""
 
     index: int
-    #: exits returned to user mode, by normalized reason ("io", "mmio", ...)
     exits: Counter = field(default_factory=Counter)
-    #: port I/O exits by (port, "in"/"out"); string I/O counts one per exit
-    pio: Counter = field(default_factory=Counter)
-    #: port I/O elements by (port, "in"/"out"); rep ins/outs count each element
-    pio_elements: Counter = field(default_factory=Counter)
-    #: MMIO exits by (region name or "unclaimed", "read"/"write")
-    mmio: Counter = field(default_factory=Counter)
-    #: handler invocations by (device name, path) with path "inline" or "loop"
-    paths: Counter = field(default_factory=Counter)
-    #: kicks (KVM_RUN returned EINTR)
-    kicks: int = 0
 
-    def as_dict(self) -> dict:
-        return {
-            "index": self.index,
-            "user_exits": sum(n for reason, n in self.exits.items() if reason != "intr"),
-            "exits": dict(self.exits),
-            "pio": {f"{port:#x}/{d}": n for (port, d), n in sorted(self.pio.items())},
-            "pio_elements": {f"{port:#x}/{d}": n for (port, d), n in sorted(self.pio_elements.items())},
-            "mmio": {f"{name}/{d}": n for (name, d), n in sorted(self.mmio.items())},
-            "paths": {f"{dev}/{path}": n for (dev, path), n in sorted(self.paths.items())},
-            "kicks": self.kicks,
-        }
+
+class LatencyRecorder:
+    """Drains one vCPU's sample ring into three HDR histograms (nanoseconds)."""
+
+    BATCH = 1024
+
+    def __init__(self) -> None:
+        self.histograms = {name: HdrHistogram(1, HIST_MAX_NS, 3) for name in LATENCIES}
+        self._buffer = ffi.new("struct aiokvm_sample[]", self.BATCH)
+        self.samples = 0
+
+    def drain(self, ctx) -> int:
+        """Move every pending sample from ``ctx`` into the histograms."""
+        total = 0
+        a, b, c = (self.histograms[name] for name in LATENCIES)
+        buf = self._buffer
+        while True:
+            n = lib.aiokvm_drain_samples(ctx, buf, self.BATCH)
+            for i in range(n):
+                s = buf[i]
+                a.record_value(max(s.exit_to_start_ns, 1))
+                b.record_value(max(s.handler_ns, 1))
+                c.record_value(max(s.end_to_entry_ns, 1))
+            total += n
+            if n < self.BATCH:
+                break
+        self.samples += total
+        return total
+
+    def summary(self) -> dict:
+        out = {}
+        for name, hist in self.histograms.items():
+            if hist.get_total_count() == 0:
+                out[name] = {"count": 0}
+                continue
+            out[name] = {
+                "count": hist.get_total_count(),
+                "p50_us": hist.get_value_at_percentile(50.0) / 1000,
+                "p90_us": hist.get_value_at_percentile(90.0) / 1000,
+                "p99_us": hist.get_value_at_percentile(99.0) / 1000,
+                "p999_us": hist.get_value_at_percentile(99.9) / 1000,
+                "max_us": hist.get_max_value() / 1000,
+                "mean_us": hist.get_mean_value() / 1000,
+            }
+        return out
+
+
+def pio_counts(counts) -> dict[str, int]:
+    """Non-zero per-port exit counts as ``{"0x80/out": n}``."""
+    keys = ffi.new("uint32_t[]", 4096)
+    values = ffi.new("uint64_t[]", 4096)
+    n = lib.aiokvm_pio_nonzero(counts, keys, values, 4096)
+    out = {}
+    for i in range(n):
+        key = keys[i]
+        out[f"{key >> 1:#x}/{'out' if key & 1 else 'in'}"] = int(values[i])
+    return out
+
+
+def vcpu_stats(thread, bus, *, kvm: dict | None, modes: dict | None, latency: dict | None) -> dict:
+    """Plain-data stats of one vCPU thread (see docs/stats-schema.md)."""
+    ctx = thread.ctx
+    exits = {"io": int(ctx.io_exits), "mmio": int(ctx.mmio_exits)}
+    exits.update(thread.metrics.exits)
+    exits = {k: v for k, v in exits.items() if v}
+    mmio: dict[str, int] = {}
+    paths: dict[str, int] = {}
+    for region in bus.regions_by_id:
+        if region is None:
+            continue
+        hits = int(ctx.region_hits[region.id])
+        if not hits:
+            continue
+        paths[f"{region.name}/{region.mode.value}"] = paths.get(f"{region.name}/{region.mode.value}", 0) + hits
+        if region.space.value == "mmio":
+            mmio[region.name] = hits
+    if ctx.unclaimed_mmio_reads or ctx.unclaimed_mmio_writes:
+        mmio["unclaimed/read"] = int(ctx.unclaimed_mmio_reads)
+        mmio["unclaimed/write"] = int(ctx.unclaimed_mmio_writes)
+    return {
+        "index": thread.index,
+        # exits returned from KVM_RUN to user mode (kicks excluded)
+        "user_exits": int(ctx.exits),
+        "exits": exits,
+        "kicks": int(ctx.intr_exits),
+        "pio": pio_counts(thread.pio_counts),
+        "string_io_elements": int(ctx.string_io_elements),
+        "mmio": mmio,
+        "paths": paths,
+        "unclaimed": {
+            "pio_reads": int(ctx.unclaimed_pio_reads), "pio_writes": int(ctx.unclaimed_pio_writes),
+            "mmio_reads": int(ctx.unclaimed_mmio_reads), "mmio_writes": int(ctx.unclaimed_mmio_writes),
+        },
+        "handoff": {
+            "to_python": int(ctx.to_python), "to_loop": int(ctx.to_loop),
+            "completed_while_spinning": int(ctx.spin_hits), "futex_waits": int(ctx.futex_waits),
+            "loop_wakeups_sent": int(ctx.wakeups_sent),
+        },
+        "time": {
+            "kvm_run_s": ctx.kvm_run_ns / 1e9, "wait_s": ctx.wait_ns / 1e9,
+            "spin_wait_s": ctx.spin_wait_ns / 1e9, "sleep_wait_s": ctx.sleep_wait_ns / 1e9,
+            "python_s": ctx.python_ns / 1e9,
+        },
+        "latency": latency or {},
+        "kvm": kvm or {},
+        "modes": modes or {},
+    }
+
+
+def mode_split(times, *, wall_s: float, spin_wait_s: float, sleep_wait_s: float) -> dict:
+    """Guest / user / kernel / wait seconds of a vCPU thread over ``wall_s``.
+
+    ``times`` is a ``procstat.ThreadTimes`` difference.  Spinning while
+    waiting for a loop-hosted handler is user-mode CPU to the kernel; it is
+    moved from ``user_s`` to ``wait_s`` so the parts do not overlap.
+    ``unaccounted_s`` is what is left: time the thread was runnable but not
+    running (preempted: more threads than cores), waiting for the GIL, or
+    parked by ``pause()``.  The tick-based split (10 ms resolution) is scaled
+    to schedstat's exact on-CPU time when it is available.
+    """
+    guest, user, kernel = times.guest_s, times.user_s, times.kernel_s
+    ticks = guest + user + kernel
+    if times.on_cpu_s is not None and ticks > 0:
+        # utime/stime/guest_time come in clock ticks (10 ms); schedstat's on-CPU
+        # time is exact.  Keep the tick split, scale it to the exact total.
+        scale = times.on_cpu_s / ticks
+        guest, user, kernel = guest * scale, user * scale, kernel * scale
+    user = max(user - spin_wait_s, 0.0)
+    wait = spin_wait_s + sleep_wait_s
+    accounted = guest + user + kernel + wait
+    return {
+        "guest_s": guest,
+        "user_s": user,
+        "kernel_s": kernel,
+        "wait_s": wait,
+        "wall_s": wall_s,
+        "on_cpu_s": times.on_cpu_s,
+        "unaccounted_s": max(wall_s - accounted, 0.0),
+        "accounted_fraction": (accounted / wall_s) if wall_s > 0 else None,
+    }
 
 
 def merge_counts(vcpus: list[dict], key: str) -> dict:

@@ -1,9 +1,11 @@
-"""The KVM CPU backend: one thread per vCPU running KVM_RUN with the GIL released.
+"""The KVM CPU backend: one thread per vCPU, running the C vCPU loop.
 
-The thread decodes each exit from the shared ``kvm_run`` page into a value
-from ``exits.py``, hands I/O to the ``Dispatcher`` and writes IN/MMIO-read
-results back before re-entering the guest.  Anything else it cannot continue
-from is reported to the owner (``on_stop``) and ends the thread.
+The thread calls ``aiokvm_vcpu_run`` (``aiokvm/kvm/_vcpu_loop.h``) with the
+GIL released.  The C loop finishes unclaimed accesses and loop-hosted ones
+(under a C handoff) itself and returns only for inline handlers, non-I/O
+exits, kicks and errors.  Non-I/O exits are decoded into values from
+``exits.py``; anything the owner cannot continue from ends the thread and is
+reported through ``on_stop``.
 
 Kicking: ``kick()`` sets ``kvm_run.immediate_exit`` and sends the kick signal
 (SIGUSR1, no-op handler) to the thread.  Whether the thread is inside KVM_RUN
@@ -13,16 +15,17 @@ at once), KVM_RUN returns ``-EINTR`` and the thread looks at its flags.
 
 from __future__ import annotations
 
-import errno
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
 
-from ..errors import GuestError, KvmError
+from ..errors import GuestError, HandoffCancelled, KvmError
 from ..kvm import VcpuFd, ffi, lib
 from ..metrics import VcpuMetrics
+from ..procstat import read_thread_times_precise
 from .exits import (
     Direction,
     FailEntry,
@@ -96,12 +99,14 @@ def decode_exit(run) -> object:
 
 
 class VcpuThread:
-    """Runs one vCPU in its own thread.
+    """Runs one vCPU in its own thread, through the C run loop.
 
-    ``handle_exit(vcpu, exit) -> bytes | None`` is called in this thread for
-    every exit that is not I/O; ``dispatcher`` handles I/O.  ``on_stop(vcpu,
-    error)`` is called once from this thread when it ends (``error`` is None
-    for a requested stop).
+    ``ctx`` is this vCPU's ``struct aiokvm_vcpu``: the C loop's tables,
+    counters, current access and handoff slot.  ``dispatcher`` handles the
+    accesses the C loop returns to Python; ``on_exit(vcpu, exit)`` every
+    non-I/O exit (it raises ``GuestError`` to stop); ``on_stop(vcpu, error)``
+    is called once from this thread when it ends (``error`` is None for a
+    requested stop).
     """
 
     def __init__(
@@ -112,18 +117,38 @@ class VcpuThread:
         on_exit: Callable[[int, object], None],
         on_stop: Callable[[int, BaseException | None], None],
         context: dict | None = None,
+        sample_every: int = 16,
+        spin_us: float = 200.0,
     ) -> None:
         self.vcpu = vcpu
         self.index = vcpu.index
         self.dispatcher = dispatcher
         self.metrics = VcpuMetrics(vcpu.index)
+        self.ctx = ffi.new("struct aiokvm_vcpu *")
+        self.pio_counts = ffi.new("uint64_t[]", 0x20000)
+        ctx = self.ctx
+        ctx.fd = vcpu.fd
+        ctx.index = vcpu.index
+        ctx.run = vcpu.run_struct
+        ctx.pio_table = dispatcher.bus.pio_table
+        ctx.pio_counts = self.pio_counts
+        ctx.mech = lib.AIOKVM_MECH_PYTHON
+        ctx.spin_ns = int(spin_us * 1000)
+        ctx.sample_every = max(1, sample_every)
+        dispatcher.bus.fill_mmio_table(ctx)
         self._on_exit = on_exit
         self._on_stop = on_stop
         self._context = context or {}
         self._stop = False
+        self._paused = False
+        self._resume = threading.Condition()
+        self.parked = threading.Event()  # set while the thread waits in pause
         self._alive_lock = threading.Lock()
         self._alive = False
         self.native_id: int | None = None
+        self.started_ns: int | None = None
+        self.ended_ns: int | None = None
+        self.times_start = self.times_end = None  # procstat.ThreadTimes at start / end
         self.thread = threading.Thread(target=self._main, name=f"aiokvm-vcpu{self.index}", daemon=True)
 
     def start(self) -> None:
@@ -135,10 +160,24 @@ class VcpuThread:
     def request_stop(self) -> None:
         """Ask the thread to leave its loop and end (asynchronous; use ``join``)."""
         self._stop = True
+        with self._resume:
+            self._resume.notify_all()
         self.kick()
 
+    def pause(self) -> None:
+        """Ask the thread to park outside KVM_RUN (asynchronous; see ``parked``)."""
+        self._paused = True
+        self.kick()
+
+    def resume(self) -> None:
+        with self._resume:
+            self._paused = False
+            self.ctx.stop = 0
+            self._resume.notify_all()
+
     def kick(self) -> None:
-        """Make the current or next KVM_RUN return with EINTR."""
+        """Make the current or next KVM_RUN return; the C loop checks ``stop`` too."""
+        self.ctx.stop = 1
         run = self.vcpu.run_struct
         if run is not None:
             run.immediate_exit = 1
@@ -156,6 +195,8 @@ class VcpuThread:
     # -- the thread ---------------------------------------------------------------
     def _main(self) -> None:
         self.native_id = threading.get_native_id()
+        self.times_start = _thread_times(self.native_id)
+        self.started_ns = time.monotonic_ns()
         structlog.contextvars.bind_contextvars(vcpu=self.index, **self._context)
         error: BaseException | None = None
         try:
@@ -163,6 +204,8 @@ class VcpuThread:
         except BaseException as exc:  # reported to the owner, never lost
             error = exc
         finally:
+            self.ended_ns = time.monotonic_ns()
+            self.times_end = _thread_times(self.native_id)
             with self._alive_lock:
                 self._alive = False
             try:
@@ -171,55 +214,52 @@ class VcpuThread:
                 log.exception("on_stop failed")
 
     def _loop(self) -> None:
-        from ..dispatch import HandoffCancelled
-
-        vcpu, run, metrics = self.vcpu, self.vcpu.run_struct, self.metrics
-        run_base = ffi.cast("uint8_t *", run)
-        dispatch_io, dispatch_mmio = self.dispatcher.dispatch_io, self.dispatcher.dispatch_mmio
-        exits = metrics.exits
-        EXIT_IO, EXIT_MMIO, EXIT_INTR = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_INTR
-        IN = Direction.IN
-        index = self.index
-        while not self._stop:
-            rc = vcpu.run()
-            if rc < 0:
-                if rc == -errno.EINTR or rc == -errno.EAGAIN:
-                    metrics.kicks += 1
-                    run.immediate_exit = 0
-                    continue
-                raise KvmError(-rc, f"KVM_RUN on vCPU {index}")
-            reason = run.exit_reason
-            if reason == EXIT_IO:
-                exits["io"] += 1
-                exit = decode_exit(run)
+        ctx, index = self.ctx, self.index
+        run = lib.aiokvm_vcpu_run
+        access = self.dispatcher.inline_access
+        RC_PYTHON, RC_INTR, RC_OTHER = lib.AIOKVM_RC_PYTHON, lib.AIOKVM_RC_INTR, lib.AIOKVM_RC_OTHER
+        RC_CANCELLED = lib.AIOKVM_RC_CANCELLED
+        in_value = 0
+        while True:
+            rc = run(ctx, in_value)
+            in_value = 0
+            if rc == RC_PYTHON:
                 try:
-                    result = dispatch_io(index, metrics, exit)
+                    in_value = access(index, ctx)
                 except HandoffCancelled:
                     return
-                if exit.direction is IN:
-                    ffi.memmove(run_base + run.io.data_offset, result, len(result))
-            elif reason == EXIT_MMIO:
-                exits["mmio"] += 1
-                exit = decode_exit(run)
-                try:
-                    result = dispatch_mmio(index, metrics, exit)
-                except HandoffCancelled:
+            elif rc == RC_INTR:
+                if self._stop:
                     return
-                if not exit.is_write:
-                    ffi.memmove(run.mmio.data, result, len(result))
-            elif reason == EXIT_INTR:
-                exits["intr"] += 1
-                run.immediate_exit = 0
-            else:
-                exit = decode_exit(run)
-                exits[exit.reason] += 1
+                if self._paused:
+                    self._park()
+                    if self._stop:
+                        return
+                ctx.stop = 0
+                self.vcpu.run_struct.immediate_exit = 0
+            elif rc == RC_OTHER:
+                exit = decode_exit(self.vcpu.run_struct)
+                self.metrics.exits[exit.reason] += 1
                 # The owner decides; raising GuestError ends this vCPU.
                 self._on_exit(index, exit)
+            elif rc == RC_CANCELLED:
+                return
+            else:
+                raise KvmError(-rc, f"KVM_RUN on vCPU {index}")
 
-    def describe_exit(self, exit) -> str:
-        rip = self.vcpu.rip()
-        where = f" at RIP {rip:#x}" if rip is not None else ""
-        return f"vCPU {self.index}: {type(exit).__name__}{where}"
+    def _park(self) -> None:
+        with self._resume:
+            self.parked.set()
+            while self._paused and not self._stop:
+                self._resume.wait()
+            self.parked.clear()
+
+
+def _thread_times(tid: int):
+    try:
+        return read_thread_times_precise(tid)
+    except OSError:  # pragma: no cover - /proc not mounted
+        return None
 
 
 def guest_error(vcpu: VcpuThread, exit, what: str) -> GuestError:

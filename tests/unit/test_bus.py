@@ -7,11 +7,11 @@ import threading
 
 import pytest
 
-from aiokvm.bus import Bus, HandlerMode, Space
-from aiokvm.cpu.exits import Direction, IoExit, MmioExit
-from aiokvm.dispatch import Dispatcher, EventHandoff, HandoffCancelled
-from aiokvm.errors import ConfigError, DeviceError
-from aiokvm.metrics import VcpuMetrics
+from aiokvm.bus import Bus, HandlerMode
+from aiokvm.cpu.exits import Direction, IoExit
+from aiokvm.dispatch import perform_io
+from aiokvm.errors import ConfigError, DeviceError, HandoffCancelled
+from aiokvm.handoff import EventHandoff
 
 
 class Recorder:
@@ -83,71 +83,68 @@ def test_lookup_respects_region_end():
     assert bus.find_mmio(0x1010, 1) is None
 
 
-def _inline_dispatcher() -> tuple[Bus, Dispatcher, VcpuMetrics]:
-    bus = Bus()
-    return bus, Dispatcher(bus, handoff=None), VcpuMetrics(0)
-
-
-def test_unclaimed_reads_are_all_ones_and_counted():
-    bus, dispatcher, metrics = _inline_dispatcher()
-    assert dispatcher.dispatch_io(0, metrics, IoExit(0x2F0, 2, Direction.IN, 1)) == b"\xff\xff"
-    assert dispatcher.dispatch_io(0, metrics, IoExit(0x2F0, 1, Direction.IN, 3)) == b"\xff" * 3
-    assert dispatcher.dispatch_io(0, metrics, IoExit(0x2F0, 1, Direction.OUT, 2, b"ab")) == b""
-    assert dispatcher.dispatch_mmio(0, metrics, MmioExit(0xD0000000, 4, False)) == b"\xff" * 4
-    assert dispatcher.dispatch_mmio(0, metrics, MmioExit(0xD0000000, 4, True, b"abcd")) == b""
-    assert bus.unclaimed[Space.PIO].reads == 4
-    assert bus.unclaimed[Space.PIO].writes == 2
-    assert bus.unclaimed[Space.MMIO].reads == 1
-    assert bus.unclaimed[Space.MMIO].writes == 1
-    assert metrics.pio[(0x2F0, "in")] == 2
-    assert metrics.pio_elements[(0x2F0, "in")] == 4
-
-
 def test_string_io_is_dispatched_per_element_in_one_exit():
-    bus, dispatcher, metrics = _inline_dispatcher()
+    bus = Bus()
     dev = Recorder(fill=0x100)
-    bus.register_pio(0x1F0, 8, dev, mode=HandlerMode.INLINE)
+    region = bus.register_pio(0x1F0, 8, dev, mode=HandlerMode.INLINE)
     # rep outsw of 3 words
-    dispatcher.dispatch_io(0, metrics, IoExit(0x1F0, 2, Direction.OUT, 3, b"\x01\x00\x02\x00\x03\x00"))
+    assert perform_io(region, IoExit(0x1F0, 2, Direction.OUT, 3, b"\x01\x00\x02\x00\x03\x00")) == b""
     assert dev.log == [("w", 0, 2, 1), ("w", 0, 2, 2), ("w", 0, 2, 3)]
     # rep insw of 2 words: values 0x104, 0x105 little-endian
-    assert dispatcher.dispatch_io(0, metrics, IoExit(0x1F0, 2, Direction.IN, 2)) == b"\x04\x01\x05\x01"
-    assert metrics.pio[(0x1F0, "out")] == 1
-    assert metrics.pio_elements[(0x1F0, "out")] == 3
-    assert metrics.paths[("Recorder", "inline")] == 2
+    assert perform_io(region, IoExit(0x1F0, 2, Direction.IN, 2)) == b"\x04\x01\x05\x01"
 
 
 def test_read_results_are_masked_to_the_access_size():
-    bus, dispatcher, metrics = _inline_dispatcher()
-    bus.register_pio(0x60, 1, Recorder(fill=0x1FF), mode="inline")
-    assert dispatcher.dispatch_io(0, metrics, IoExit(0x60, 1, Direction.IN, 1)) == b"\x00"
+    bus = Bus()
+    region = bus.register_pio(0x60, 1, Recorder(fill=0x1FF), mode="inline")
+    assert perform_io(region, IoExit(0x60, 1, Direction.IN, 1)) == b"\x00"
 
 
 def test_device_exceptions_become_device_errors_naming_the_device():
-    bus, dispatcher, metrics = _inline_dispatcher()
-    bus.register_pio(0x70, 2, Broken(), mode="inline", name="rtc")
+    bus = Bus()
+    region = bus.register_pio(0x70, 2, Broken(), mode="inline", name="rtc")
     with pytest.raises(DeviceError, match="rtc.*in port 0x70"):
-        dispatcher.dispatch_io(0, metrics, IoExit(0x70, 1, Direction.IN, 1))
-    bus.register_mmio(0x9000, 8, Broken(), mode="inline", name="mm")
-    with pytest.raises(DeviceError, match="mm.*mmio write"):
-        dispatcher.dispatch_mmio(0, metrics, MmioExit(0x9000, 4, True, b"\0\0\0\0"))
+        perform_io(region, IoExit(0x70, 1, Direction.IN, 1))
+    with pytest.raises(DeviceError, match="rtc.*out port 0x71"):
+        perform_io(region, IoExit(0x71, 1, Direction.OUT, 2, b"ab"))
 
 
-async def test_loop_hosted_handlers_run_on_the_loop_thread():
+def test_c_tables_follow_registration():
+    bus = Bus()
+    region = bus.register_pio(0x1F0, 8, Recorder(), mode="loop")
+    assert bus.pio_table[0x1F7] == region.id << 2 | 2
+    assert bus.pio_table[0x1F8] == 0
+    bus.unregister(region)
+    assert bus.pio_table[0x1F0] == 0
+    again = bus.register_pio(0x60, 1, Recorder(), mode="inline")
+    assert again.id == region.id  # ids are reused
+    assert bus.pio_table[0x60] == again.id << 2 | 1
+
+
+def test_mmio_region_limit_is_a_config_error():
+    from aiokvm.kvm import lib
+
+    bus = Bus()
+    for i in range(lib.AIOKVM_MAX_MMIO_REGIONS):
+        bus.register_mmio(0x10000 * i, 0x100, Recorder())
+    with pytest.raises(ConfigError, match="at most"):
+        bus.register_mmio(0xF000_0000, 0x100, Recorder())
+
+
+async def test_event_handoff_runs_on_the_loop_thread_in_order():
     loop = asyncio.get_running_loop()
     bus = Bus()
     dev = Recorder(fill=7)
-    bus.register_pio(0x500, 4, dev)  # default mode: loop
-    dispatcher = Dispatcher(bus, EventHandoff(loop, 2))
-    results = {}
+    region = bus.register_pio(0x500, 4, dev)  # default mode: loop
+    handoff = EventHandoff(loop, 2)
+
+    def job(arg):
+        return perform_io(region, arg)
 
     def vcpu(index: int) -> None:
-        metrics = VcpuMetrics(index)
-        out = []
         for i in range(200):
-            dispatcher.dispatch_io(index, metrics, IoExit(0x500 + index, 1, Direction.OUT, 1, bytes([i])))
-            out.append(dispatcher.dispatch_io(index, metrics, IoExit(0x500 + index, 1, Direction.IN, 1)))
-        results[index] = (out, metrics)
+            handoff.call(index, job, IoExit(0x500 + index, 1, Direction.OUT, 1, bytes([i])))
+            handoff.call(index, job, IoExit(0x500 + index, 1, Direction.IN, 1))
 
     threads = [threading.Thread(target=vcpu, args=(i,)) for i in range(2)]
     for t in threads:
@@ -160,24 +157,18 @@ async def test_loop_hosted_handlers_run_on_the_loop_thread():
     for index in range(2):
         mine = [entry[3] for entry in writes if entry[1] == index]
         assert mine == list(range(200))  # per-vCPU order kept, nothing lost or doubled
-        assert results[index][1].paths[("Recorder", "loop")] == 400
 
 
 async def test_cancel_all_releases_a_waiting_vcpu():
     loop = asyncio.get_running_loop()
     handoff = EventHandoff(loop, 1)
-    started = threading.Event()
     outcome = []
-
-    def slow(_):
-        started.set()
-        return 1
 
     def vcpu():
         try:
-            handoff.call(0, slow, None)
+            handoff.call(0, lambda _: 1, None)
             handoff.cancel_all()  # stop requested while running
-            handoff.call(0, slow, None)
+            handoff.call(0, lambda _: 1, None)
         except HandoffCancelled:
             outcome.append("cancelled")
 

@@ -1,0 +1,272 @@
+"""Handoff mechanisms: how a loop-hosted exit gets from a vCPU thread to the
+asyncio loop and back.  ``Machine(handoff=NAME)`` picks one.
+
+Python-level mechanisms (the vCPU thread returns to Python, takes the GIL,
+and blocks until the loop ran the handler):
+
+- ``event``: ``loop.call_soon_threadsafe`` + a per-vCPU ``threading.Event``.
+- ``lock``:  ``loop.call_soon_threadsafe`` + a per-vCPU lock used as a
+  binary semaphore.
+
+C-level mechanisms (the C vCPU loop posts the exit to a shared slot and
+waits without the GIL; a ``SlotServer`` on the loop serves the slots):
+
+- ``spin`` (default): the vCPU spins (bounded by ``spin_us``) before
+  sleeping on a futex; the loop polls the slots while exits keep coming and
+  sleeps on an eventfd after ``poll_window_us`` without work.  While the
+  guest is busy nobody sleeps, so no exit pays a thread wakeup.
+- ``wake``: the vCPU sleeps on a futex at once (one wakeup per exit); the
+  loop polls as with ``spin``.
+- ``futex``: both sides block: the vCPU on a futex, the loop on the eventfd
+  (two wakeups per exit; exits of several vCPUs that arrive together are
+  served in one loop wakeup).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from .errors import HandoffCancelled
+from .kvm import ffi, lib
+
+log = structlog.get_logger("aiokvm.handoff")
+
+DEFAULT_HANDOFF = "spin"
+C_MECHANISMS = {"spin": lib.AIOKVM_MECH_SPIN, "wake": lib.AIOKVM_MECH_WAKE, "futex": lib.AIOKVM_MECH_FUTEX}
+PYTHON_MECHANISMS = ("event", "lock")
+HANDOFFS = tuple(C_MECHANISMS) + PYTHON_MECHANISMS
+MASKS = (0, 0xFF, 0xFFFF, 0xFFFFFF, 0xFFFFFFFF, (1 << 40) - 1, (1 << 48) - 1, (1 << 56) - 1, (1 << 64) - 1)
+
+
+# -- Python-level mechanisms ------------------------------------------------------------
+
+class _Slot:
+    __slots__ = ("event", "lock", "result", "error", "cancelled")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+
+class EventHandoff:
+    """``call_soon_threadsafe`` + ``threading.Event``: correct, two wakeups per exit."""
+
+    name = "event"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, vcpus: int) -> None:
+        self._loop = loop
+        self._slots = [_Slot() for _ in range(vcpus)]
+        self._stopping = False
+
+    def call(self, vcpu: int, fn: Callable[[Any], Any], arg: Any) -> Any:
+        slot = self._slots[vcpu]
+        if self._stopping:
+            raise HandoffCancelled
+        slot.error = None
+        self._arm(slot)
+        try:
+            self._loop.call_soon_threadsafe(self._run, slot, fn, arg)
+        except RuntimeError:  # loop closed under us
+            raise HandoffCancelled from None
+        self._wait(slot)
+        if slot.cancelled:
+            raise HandoffCancelled
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
+
+    def _arm(self, slot: _Slot) -> None:
+        slot.event.clear()
+
+    def _wait(self, slot: _Slot) -> None:
+        slot.event.wait()
+
+    def _signal(self, slot: _Slot) -> None:
+        slot.event.set()
+
+    def _run(self, slot: _Slot, fn: Callable[[Any], Any], arg: Any) -> None:
+        try:
+            slot.result = fn(arg)
+        except BaseException as exc:  # carried back to the vCPU thread
+            slot.error = exc
+        self._signal(slot)
+
+    def cancel_all(self) -> None:
+        self._stopping = True
+        for slot in self._slots:
+            slot.cancelled = True
+            self._signal(slot)
+
+
+class LockHandoff(EventHandoff):
+    """``call_soon_threadsafe`` + a lock released by the loop."""
+
+    name = "lock"
+
+    def _arm(self, slot: _Slot) -> None:
+        pass  # the lock is held between calls
+
+    def _wait(self, slot: _Slot) -> None:
+        slot.lock.acquire()
+
+    def _signal(self, slot: _Slot) -> None:
+        try:
+            slot.lock.release()
+        except RuntimeError:  # already released (double cancel)
+            pass
+
+
+# -- C-level mechanisms: the loop side ------------------------------------------------------
+
+class SlotServer:
+    """Serves the vCPU slots of one machine on the asyncio loop.
+
+    ``serve(vcpu_ctx)`` must run the posted access and call
+    ``lib.aiokvm_complete``; it is given by the machine (it knows the bus).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        mech: str,
+        vcpu_ctxs: list,
+        serve: Callable[[Any], None],
+        *,
+        on_error: Callable[[BaseException], None],
+        poll_window_us: float = 500.0,
+    ) -> None:
+        if len(vcpu_ctxs) > lib.AIOKVM_HUB_MAX_VCPUS:
+            raise ValueError(f"the {mech} handoff serves at most {lib.AIOKVM_HUB_MAX_VCPUS} vCPUs")
+        self.name = mech
+        self._loop = loop
+        self._mech = C_MECHANISMS[mech]
+        self._serve = serve
+        self._on_error = on_error
+        self._ctxs = vcpu_ctxs
+        self._poll_window = poll_window_us / 1e6
+        self.hub = ffi.new("struct aiokvm_hub *")
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.hub.wake_fd = self.wake_fd
+        self.hub.nvcpus = len(vcpu_ctxs)
+        for i, ctx in enumerate(vcpu_ctxs):
+            self.hub.vcpus[i] = ctx
+            ctx.hub = self.hub
+            ctx.mech = self._mech
+        self._task: asyncio.Task | None = None
+        self._sleeper: asyncio.Future | None = None
+        self._closed = False
+        #: loop wakeups through the eventfd, and polling passes with work
+        self.wakeups = 0
+        self.busy_polls = 0
+        self._seen_polls = 0
+        self.idle_sleeps = 0
+
+    def start(self) -> None:
+        self._loop.add_reader(self.wake_fd, self._on_wake)
+        if self._mech != lib.AIOKVM_MECH_FUTEX:
+            self._task = self._loop.create_task(self._poll(), name="aiokvm-slot-poller")
+
+    def _on_wake(self) -> None:
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            return
+        self.wakeups += 1
+        if self._mech == lib.AIOKVM_MECH_FUTEX:
+            self._serve_mask(lib.aiokvm_hub_wait(self.hub, 0))
+        elif self._sleeper is not None and not self._sleeper.done():
+            self._sleeper.set_result(None)
+
+    #: longest spin per poll call without the GIL, and polls per loop turn
+    SPIN_NS = 20_000
+    BURST = 64
+
+    def _serve_mask(self, mask: int) -> None:
+        ctxs, serve = self._ctxs, self._serve
+        while mask:
+            low = mask & -mask
+            try:
+                serve(ctxs[low.bit_length() - 1])
+            except BaseException as exc:  # a device failed: the machine stops
+                self._on_error(exc)
+            mask ^= low
+
+    async def _poll(self) -> None:
+        """Adaptive polling: spin in C while exits keep coming, sleep when idle.
+
+        ``aiokvm_hub_wait`` spins without the GIL for up to ``SPIN_NS`` and
+        claims whatever was posted.  After ``BURST`` consecutive batches the
+        poller yields to the loop so other tasks keep running; after
+        ``poll_window`` without work it clears the polling flag and sleeps on
+        the eventfd (a vCPU that posts then writes it).
+        """
+        hub, wait = self.hub, lib.aiokvm_hub_wait
+        set_polling = lib.aiokvm_hub_set_polling
+        monotonic = time.monotonic
+        serve_mask = self._serve_mask
+        window = self._poll_window
+        spin_ns = self.SPIN_NS
+        set_polling(hub, 1)
+        last_busy = monotonic()
+        while not self._closed:
+            for _ in range(self.BURST):
+                mask = wait(hub, spin_ns)
+                if not mask:
+                    break
+                serve_mask(mask)
+                self.busy_polls += 1
+            else:
+                last_busy = monotonic()
+                await asyncio.sleep(0)
+                continue
+            now = monotonic()
+            if self.busy_polls != self._seen_polls:
+                self._seen_polls = self.busy_polls
+                last_busy = now
+            elif now - last_busy > window:
+                # Nothing for a while: stop burning CPU.  Clearing the flag
+                # returns what was posted in between (then do not sleep).
+                mask = set_polling(hub, 0)
+                if not mask:
+                    self.idle_sleeps += 1
+                    self._sleeper = self._loop.create_future()
+                    try:
+                        await self._sleeper
+                    finally:
+                        self._sleeper = None
+                set_polling(hub, 1)
+                last_busy = monotonic()
+                continue
+            await asyncio.sleep(0)
+
+    def cancel_all(self) -> None:
+        for ctx in self._ctxs:
+            lib.aiokvm_cancel(ctx)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.cancel_all()
+        try:
+            self._loop.remove_reader(self.wake_fd)
+        except Exception:  # loop already closed
+            pass
+        if self._sleeper is not None and not self._sleeper.done():
+            self._sleeper.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        os.close(self.wake_fd)
+        self.wake_fd = -1

@@ -1,0 +1,522 @@
+/* The vCPU run loop in C, and the shared slot that hands exits to asyncio.
+ *
+ * Python calls aiokvm_vcpu_run() from the vCPU thread with the GIL released.
+ * It loops on KVM_RUN and finishes in C every exit it can:
+ *
+ *   - accesses nobody claims (counted; reads return all-ones);
+ *   - loop-hosted accesses under a C handoff mechanism: the exit is posted
+ *     to the vCPU's slot, the asyncio loop runs the handler and completes
+ *     the slot, and this thread waits (spinning, then on a futex) without
+ *     ever holding the GIL.
+ *
+ * It returns to Python only for inline handlers, non-I/O exits, kicks and
+ * errors.  Every field Python reads is plain data in struct aiokvm_vcpu.
+ *
+ * Memory ordering: the slot is the only synchronisation between the vCPU
+ * thread and the loop.  Posting is a release store after the exit fields
+ * are written; completing is a release store after the result is written
+ * into kvm_run.  The "polling" and "waiting" flags use sequentially
+ * consistent accesses so that a poster and a sleeper cannot both miss each
+ * other (store flag, then load the other side's flag).
+ */
+#ifndef AIOKVM_VCPU_LOOP_H
+#define AIOKVM_VCPU_LOOP_H
+
+#include <errno.h>
+#include <linux/futex.h>
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define AIOKVM_MAX_MMIO_REGIONS 64
+#define AIOKVM_MAX_REGIONS 1024
+#define AIOKVM_SAMPLES 4096
+#define AIOKVM_HUB_MAX_VCPUS 64
+
+/* Region modes in the C lookup tables. */
+#define AIOKVM_UNCLAIMED 0
+#define AIOKVM_INLINE 1
+#define AIOKVM_LOOP 2
+
+/* Return codes of aiokvm_vcpu_run (negative: -errno). */
+#define AIOKVM_RC_PYTHON 1    /* an access for a Python handler: see kind/region/... */
+#define AIOKVM_RC_OTHER 2     /* a non-I/O exit: decode kvm_run */
+#define AIOKVM_RC_INTR 3      /* kicked (stop flag or EINTR) */
+#define AIOKVM_RC_CANCELLED 4 /* a loop-hosted access was cancelled (machine stopping) */
+
+/* Access kinds. */
+#define AIOKVM_IO_IN 0
+#define AIOKVM_IO_OUT 1
+#define AIOKVM_MMIO_READ 2
+#define AIOKVM_MMIO_WRITE 3
+
+/* Slot states. */
+#define AIOKVM_SLOT_EMPTY 0
+#define AIOKVM_SLOT_POSTED 1
+#define AIOKVM_SLOT_TAKEN 2
+#define AIOKVM_SLOT_DONE 3
+#define AIOKVM_SLOT_CANCELLED 4
+
+/* Handoff mechanisms. */
+#define AIOKVM_MECH_PYTHON 0 /* loop-hosted exits return to Python, which hands off */
+#define AIOKVM_MECH_SPIN 1   /* spin (bounded), then futex; loop polls adaptively */
+#define AIOKVM_MECH_FUTEX 2  /* block on a futex at once; loop sleeps on the eventfd */
+#define AIOKVM_MECH_WAKE 3   /* block on a futex at once; loop polls adaptively */
+
+struct aiokvm_mmio_region {
+    uint64_t base;
+    uint64_t end;
+    uint32_t id;
+    uint32_t mode;
+};
+
+struct aiokvm_sample {
+    uint32_t exit_to_start_ns; /* KVM_RUN returned -> handler started */
+    uint32_t handler_ns;       /* handler ran */
+    uint32_t end_to_entry_ns;  /* handler ended -> KVM_RUN entered again */
+    uint32_t region;
+};
+
+struct aiokvm_hub {
+    uint32_t polling; /* the loop is polling the slots (atomic) */
+    int32_t wake_fd;  /* eventfd the loop sleeps on */
+    uint32_t nvcpus;
+    uint32_t pad;
+    struct aiokvm_vcpu *vcpus[AIOKVM_HUB_MAX_VCPUS];
+};
+
+struct aiokvm_vcpu {
+    int32_t fd;
+    uint32_t index;
+    struct kvm_run *run;
+    struct aiokvm_hub *hub;
+    uint16_t *pio_table; /* 65536 entries: id << 2 | mode */
+    uint64_t *pio_counts; /* 65536 * 2: [port * 2 + is_out] */
+    uint32_t n_mmio;
+    uint32_t mech;
+    struct aiokvm_mmio_region mmio[AIOKVM_MAX_MMIO_REGIONS];
+    uint64_t spin_ns;
+    uint32_t stop; /* atomic: return AIOKVM_RC_INTR as soon as possible */
+
+    /* The current access, for Python (inline) or the loop (slot). */
+    uint32_t kind;
+    uint32_t region;
+    uint32_t size;
+    uint32_t count;
+    uint32_t simple; /* one element of at most 8 bytes: value holds/takes it */
+    uint64_t addr;
+    uint64_t value;
+
+    uint32_t slot;    /* atomic: AIOKVM_SLOT_* */
+    uint32_t waiting; /* atomic: this thread sleeps on the slot futex */
+    uint32_t pending_in; /* the next run() writes in_value as the read result */
+
+    /* Counters (written by this vCPU thread only, except where noted). */
+    uint64_t exits;
+    uint64_t io_exits;
+    uint64_t mmio_exits;
+    uint64_t other_exits;
+    uint64_t intr_exits;
+    uint64_t string_io_elements;
+    uint64_t unclaimed_pio_reads;
+    uint64_t unclaimed_pio_writes;
+    uint64_t unclaimed_mmio_reads;
+    uint64_t unclaimed_mmio_writes;
+    uint64_t to_python;
+    uint64_t to_loop;
+    uint64_t spin_hits;     /* completed while spinning */
+    uint64_t futex_waits;   /* had to sleep */
+    uint64_t wakeups_sent;  /* eventfd writes to wake the loop */
+    uint64_t wait_ns;       /* time waiting for loop-hosted handlers (spin + sleep) */
+    uint64_t spin_wait_ns;  /* ... of which spinning (on-CPU, counted as user time) */
+    uint64_t sleep_wait_ns; /* ... of which sleeping on the futex (off-CPU) */
+    uint64_t kvm_run_ns;    /* time inside the KVM_RUN ioctl */
+    uint64_t python_ns;     /* time back in Python between runs */
+    uint64_t region_hits[AIOKVM_MAX_REGIONS];
+    uint64_t mmio_unclaimed_last;
+
+    /* Latency samples: one of every sample_every exits handled by a handler. */
+    uint32_t sample_every;
+    uint32_t sample_tick;
+    uint64_t sample_head; /* written by this thread */
+    uint64_t sample_tail; /* written by the reader */
+    uint64_t samples_dropped;
+    uint64_t t_exit;  /* KVM_RUN returned */
+    uint64_t t_start; /* handler started (loop: taken) */
+    uint64_t t_end;   /* handler ended (loop: completed) */
+    uint64_t t_return; /* returned to Python */
+    struct aiokvm_sample samples[AIOKVM_SAMPLES];
+};
+
+static inline uint64_t aiokvm_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void aiokvm_cpu_relax(void)
+{
+    __builtin_ia32_pause();
+}
+
+static inline long aiokvm_futex(uint32_t *addr, int op, uint32_t val)
+{
+    return syscall(SYS_futex, addr, op, val, NULL, NULL, 0);
+}
+
+static void aiokvm_record_sample(struct aiokvm_vcpu *v, uint64_t t_entry)
+{
+    if (++v->sample_tick < v->sample_every)
+        return;
+    v->sample_tick = 0;
+    uint64_t head = v->sample_head;
+    uint64_t tail = __atomic_load_n(&v->sample_tail, __ATOMIC_ACQUIRE);
+    if (head - tail >= AIOKVM_SAMPLES) {
+        v->samples_dropped++;
+        return;
+    }
+    struct aiokvm_sample *s = &v->samples[head % AIOKVM_SAMPLES];
+    uint64_t a = v->t_start > v->t_exit ? v->t_start - v->t_exit : 0;
+    uint64_t b = v->t_end > v->t_start ? v->t_end - v->t_start : 0;
+    uint64_t c = t_entry > v->t_end ? t_entry - v->t_end : 0;
+    s->exit_to_start_ns = a > 0xffffffffu ? 0xffffffffu : (uint32_t)a;
+    s->handler_ns = b > 0xffffffffu ? 0xffffffffu : (uint32_t)b;
+    s->end_to_entry_ns = c > 0xffffffffu ? 0xffffffffu : (uint32_t)c;
+    s->region = v->region;
+    __atomic_store_n(&v->sample_head, head + 1, __ATOMIC_RELEASE);
+}
+
+/* Find the region claiming [addr, addr+len). */
+static inline const struct aiokvm_mmio_region *aiokvm_find_mmio(const struct aiokvm_vcpu *v, uint64_t addr,
+                                                                 uint32_t len)
+{
+    for (uint32_t i = 0; i < v->n_mmio; i++) {
+        const struct aiokvm_mmio_region *r = &v->mmio[i];
+        if (addr >= r->base && addr + len <= r->end)
+            return r;
+    }
+    return NULL;
+}
+
+/* Post the current access to the loop and wait for it to complete.
+ * Returns 0 when done, AIOKVM_RC_CANCELLED when the machine stops. */
+static int aiokvm_post_and_wait(struct aiokvm_vcpu *v)
+{
+    struct aiokvm_hub *hub = v->hub;
+    uint64_t t0 = v->t_exit;
+    uint32_t s;
+
+    v->to_loop++;
+    __atomic_store_n(&v->slot, AIOKVM_SLOT_POSTED, __ATOMIC_SEQ_CST);
+    if (v->mech == AIOKVM_MECH_FUTEX || !__atomic_load_n(&hub->polling, __ATOMIC_SEQ_CST)) {
+        uint64_t one = 1;
+        if (write(hub->wake_fd, &one, sizeof(one)) == sizeof(one))
+            v->wakeups_sent++;
+    }
+    uint64_t t_sleep = 0; /* 0: completed while spinning */
+    if (v->mech == AIOKVM_MECH_SPIN) {
+        uint64_t deadline = t0 + v->spin_ns;
+        unsigned n = 0;
+        for (;;) {
+            s = __atomic_load_n(&v->slot, __ATOMIC_ACQUIRE);
+            if (s == AIOKVM_SLOT_DONE || s == AIOKVM_SLOT_CANCELLED) {
+                v->spin_hits++;
+                goto done;
+            }
+            if ((++n & 63) == 0 && aiokvm_now_ns() >= deadline)
+                break;
+            aiokvm_cpu_relax();
+        }
+    }
+    t_sleep = aiokvm_now_ns();
+    for (;;) {
+        __atomic_store_n(&v->waiting, 1, __ATOMIC_SEQ_CST);
+        s = __atomic_load_n(&v->slot, __ATOMIC_SEQ_CST);
+        if (s == AIOKVM_SLOT_DONE || s == AIOKVM_SLOT_CANCELLED)
+            break;
+        v->futex_waits++;
+        aiokvm_futex(&v->slot, FUTEX_WAIT_PRIVATE, s);
+    }
+    __atomic_store_n(&v->waiting, 0, __ATOMIC_RELAXED);
+done:;
+    uint64_t t_done = aiokvm_now_ns();
+    if (t_sleep == 0)
+        t_sleep = t_done;
+    v->spin_wait_ns += t_sleep - t0;
+    v->sleep_wait_ns += t_done - t_sleep;
+    v->wait_ns += t_done - t0;
+    if (s == AIOKVM_SLOT_CANCELLED)
+        return AIOKVM_RC_CANCELLED;
+    __atomic_store_n(&v->slot, AIOKVM_SLOT_EMPTY, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* Describe the current I/O exit in v->kind/addr/size/count/simple/value. */
+static inline void aiokvm_describe_io(struct aiokvm_vcpu *v, struct kvm_run *run)
+{
+    uint8_t *data = (uint8_t *)run + run->io.data_offset;
+    v->kind = run->io.direction == KVM_EXIT_IO_OUT ? AIOKVM_IO_OUT : AIOKVM_IO_IN;
+    v->addr = run->io.port;
+    v->size = run->io.size;
+    v->count = run->io.count;
+    v->simple = run->io.count == 1;
+    v->value = 0;
+    if (v->simple && v->kind == AIOKVM_IO_OUT)
+        memcpy(&v->value, data, run->io.size);
+}
+
+static inline void aiokvm_describe_mmio(struct aiokvm_vcpu *v, struct kvm_run *run)
+{
+    uint32_t len = run->mmio.len > 8 ? 8 : run->mmio.len;
+    v->kind = run->mmio.is_write ? AIOKVM_MMIO_WRITE : AIOKVM_MMIO_READ;
+    v->addr = run->mmio.phys_addr;
+    v->size = len;
+    v->count = 1;
+    v->simple = 1;
+    v->value = 0;
+    if (run->mmio.is_write)
+        memcpy(&v->value, run->mmio.data, len);
+}
+
+/* Write a single read result (the low `size` bytes of value) into kvm_run. */
+static inline void aiokvm_store_read(struct aiokvm_vcpu *v, uint64_t value)
+{
+    struct kvm_run *run = v->run;
+    if (v->kind == AIOKVM_IO_IN)
+        memcpy((uint8_t *)run + run->io.data_offset, &value, v->size);
+    else if (v->kind == AIOKVM_MMIO_READ)
+        memcpy(run->mmio.data, &value, v->size);
+}
+
+/* Run the vCPU until something needs Python.  in_value answers the previous
+ * inline read (if it was a single element). */
+static int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v, uint64_t in_value)
+{
+    struct kvm_run *run = v->run;
+    uint64_t t_entry = aiokvm_now_ns();
+
+    if (v->t_return)
+        v->python_ns += t_entry - v->t_return;
+    if (v->pending_in) {
+        aiokvm_store_read(v, in_value);
+        v->pending_in = 0;
+    }
+    if (v->t_exit) {
+        /* The previous exit went to an inline handler: its handler time is
+         * the time spent in Python. */
+        v->t_start = v->t_return;
+        v->t_end = t_entry;
+        aiokvm_record_sample(v, t_entry);
+        v->t_exit = 0;
+    }
+    for (;;) {
+        if (__atomic_load_n(&v->stop, __ATOMIC_ACQUIRE)) {
+            v->t_return = aiokvm_now_ns();
+            return AIOKVM_RC_INTR;
+        }
+        int rc = ioctl(v->fd, KVM_RUN, 0);
+        uint64_t now = aiokvm_now_ns();
+        v->kvm_run_ns += now - t_entry;
+        if (rc < 0) {
+            int err = errno;
+            v->t_return = now;
+            if (err == EINTR || err == EAGAIN) {
+                v->intr_exits++;
+                run->immediate_exit = 0;
+                return AIOKVM_RC_INTR;
+            }
+            return -err;
+        }
+        v->exits++;
+        v->t_exit = now;
+        uint32_t entry;
+        if (run->exit_reason == KVM_EXIT_IO) {
+            uint32_t port = run->io.port;
+            v->io_exits++;
+            v->pio_counts[port * 2 + (run->io.direction == KVM_EXIT_IO_OUT)]++;
+            if (run->io.count > 1)
+                v->string_io_elements += run->io.count;
+            entry = v->pio_table[port];
+            if (port + run->io.size > 0x10000 ||
+                (run->io.size > 1 && v->pio_table[port + run->io.size - 1] != entry))
+                entry = AIOKVM_UNCLAIMED; /* straddles a region end */
+            if ((entry & 3) == AIOKVM_UNCLAIMED) {
+                if (run->io.direction == KVM_EXIT_IO_OUT) {
+                    v->unclaimed_pio_writes += run->io.count;
+                } else {
+                    memset((uint8_t *)run + run->io.data_offset, 0xff, run->io.size * run->io.count);
+                    v->unclaimed_pio_reads += run->io.count;
+                }
+                v->t_exit = 0;
+                t_entry = aiokvm_now_ns();
+                continue;
+            }
+            aiokvm_describe_io(v, run);
+        } else if (run->exit_reason == KVM_EXIT_MMIO) {
+            uint32_t len = run->mmio.len > 8 ? 8 : run->mmio.len;
+            const struct aiokvm_mmio_region *r = aiokvm_find_mmio(v, run->mmio.phys_addr, len);
+            v->mmio_exits++;
+            if (r == NULL) {
+                if (run->mmio.is_write) {
+                    v->unclaimed_mmio_writes++;
+                } else {
+                    memset(run->mmio.data, 0xff, sizeof(run->mmio.data));
+                    v->unclaimed_mmio_reads++;
+                }
+                v->mmio_unclaimed_last = run->mmio.phys_addr;
+                v->t_exit = 0;
+                t_entry = aiokvm_now_ns();
+                continue;
+            }
+            entry = r->id << 2 | r->mode;
+            aiokvm_describe_mmio(v, run);
+        } else {
+            v->other_exits++;
+            v->t_exit = 0;
+            v->t_return = aiokvm_now_ns();
+            return AIOKVM_RC_OTHER;
+        }
+        v->region = entry >> 2;
+        if (v->region < AIOKVM_MAX_REGIONS)
+            v->region_hits[v->region]++;
+        if ((entry & 3) == AIOKVM_LOOP && v->mech != AIOKVM_MECH_PYTHON) {
+            int r = aiokvm_post_and_wait(v);
+            if (r) {
+                v->t_exit = 0;
+                v->t_return = aiokvm_now_ns();
+                return r;
+            }
+            t_entry = aiokvm_now_ns();
+            aiokvm_record_sample(v, t_entry);
+            v->t_exit = 0;
+            continue;
+        }
+        /* Inline (or Python-level handoff): back to Python. */
+        v->to_python++;
+        v->pending_in = v->simple && (v->kind == AIOKVM_IO_IN || v->kind == AIOKVM_MMIO_READ);
+        v->t_return = aiokvm_now_ns();
+        return AIOKVM_RC_PYTHON;
+    }
+}
+
+/* ---- the loop side ---------------------------------------------------------- */
+
+/* Bitmask of vCPUs whose slot holds a posted access. */
+static uint64_t aiokvm_hub_poll(struct aiokvm_hub *hub)
+{
+    uint64_t mask = 0;
+    for (uint32_t i = 0; i < hub->nvcpus; i++) {
+        struct aiokvm_vcpu *v = hub->vcpus[i];
+        if (v && __atomic_load_n(&v->slot, __ATOMIC_ACQUIRE) == AIOKVM_SLOT_POSTED)
+            mask |= 1ull << i;
+    }
+    return mask;
+}
+
+/* Set the polling flag; when clearing it, return the slots posted meanwhile
+ * (the caller must not sleep if that is non-zero). */
+static uint64_t aiokvm_hub_set_polling(struct aiokvm_hub *hub, uint32_t on)
+{
+    __atomic_store_n(&hub->polling, on, __ATOMIC_SEQ_CST);
+    return on ? 0 : aiokvm_hub_poll(hub);
+}
+
+/* Spin (up to max_ns, GIL released by cffi) until some vCPU posts; claim
+ * every posted slot (TAKEN, handler start time) and return their bitmask.
+ * Returns 0 after max_ns without work. */
+static uint64_t aiokvm_hub_wait(struct aiokvm_hub *hub, uint64_t max_ns)
+{
+    uint64_t deadline = 0;
+    unsigned n = 0;
+    for (;;) {
+        uint64_t mask = aiokvm_hub_poll(hub);
+        if (mask) {
+            uint64_t now = aiokvm_now_ns();
+            for (uint32_t i = 0; i < hub->nvcpus; i++) {
+                if (mask & (1ull << i)) {
+                    struct aiokvm_vcpu *v = hub->vcpus[i];
+                    v->t_start = now;
+                    __atomic_store_n(&v->slot, AIOKVM_SLOT_TAKEN, __ATOMIC_RELAXED);
+                }
+            }
+            return mask;
+        }
+        if ((n++ & 31) == 0) {
+            uint64_t now = aiokvm_now_ns();
+            if (!deadline)
+                deadline = now + max_ns;
+            else if (now >= deadline)
+                return 0;
+        }
+        aiokvm_cpu_relax();
+    }
+}
+
+/* Claim a posted access (loop thread). */
+static void aiokvm_take(struct aiokvm_vcpu *v)
+{
+    v->t_start = aiokvm_now_ns();
+    __atomic_store_n(&v->slot, AIOKVM_SLOT_TAKEN, __ATOMIC_RELAXED);
+}
+
+static void aiokvm_wake_vcpu(struct aiokvm_vcpu *v)
+{
+    if (__atomic_load_n(&v->waiting, __ATOMIC_SEQ_CST))
+        aiokvm_futex(&v->slot, FUTEX_WAKE_PRIVATE, 1);
+}
+
+/* Complete a taken access (loop thread): store a single read result (when
+ * the access is simple) and release the vCPU. */
+static void aiokvm_complete(struct aiokvm_vcpu *v, uint64_t value)
+{
+    if (v->simple)
+        aiokvm_store_read(v, value);
+    v->t_end = aiokvm_now_ns();
+    __atomic_store_n(&v->slot, AIOKVM_SLOT_DONE, __ATOMIC_SEQ_CST);
+    aiokvm_wake_vcpu(v);
+}
+
+/* Cancel any posted or taken access (machine stopping). */
+static void aiokvm_cancel(struct aiokvm_vcpu *v)
+{
+    __atomic_store_n(&v->stop, 1, __ATOMIC_SEQ_CST);
+    uint32_t s = __atomic_load_n(&v->slot, __ATOMIC_SEQ_CST);
+    if (s == AIOKVM_SLOT_POSTED || s == AIOKVM_SLOT_TAKEN)
+        __atomic_store_n(&v->slot, AIOKVM_SLOT_CANCELLED, __ATOMIC_SEQ_CST);
+    aiokvm_futex(&v->slot, FUTEX_WAKE_PRIVATE, 1);
+}
+
+/* Copy out up to max samples; returns how many. */
+static uint32_t aiokvm_drain_samples(struct aiokvm_vcpu *v, struct aiokvm_sample *out, uint32_t max)
+{
+    uint64_t tail = v->sample_tail;
+    uint64_t head = __atomic_load_n(&v->sample_head, __ATOMIC_ACQUIRE);
+    uint32_t n = 0;
+    while (tail != head && n < max) {
+        out[n++] = v->samples[tail % AIOKVM_SAMPLES];
+        tail++;
+    }
+    __atomic_store_n(&v->sample_tail, tail, __ATOMIC_RELEASE);
+    return n;
+}
+
+/* Non-zero per-port counters: fills ports[]/counts[] with (port*2+is_out). */
+static uint32_t aiokvm_pio_nonzero(const uint64_t *counts, uint32_t *keys, uint64_t *values, uint32_t max)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < 0x20000 && n < max; i++) {
+        if (counts[i]) {
+            keys[n] = i;
+            values[n] = counts[i];
+            n++;
+        }
+    }
+    return n;
+}
+
+#endif
