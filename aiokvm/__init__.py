@@ -19,11 +19,12 @@ from .errors import (
     KvmUnavailableError,
     MachineTimeout,
 )
+from .kernel_paths import IoEvent, IrqFd
 from .machine import ExitStatus, Machine
 from .memory import GuestMemory
 
 __all__ = [
     "AiokvmError", "Bus", "ConfigError", "Device", "DeviceError", "ExitStatus", "GuestError",
-    "GuestMemory", "GuestMemoryError", "HandlerMode", "KvmError", "KvmUnavailableError",
+    "GuestMemory", "GuestMemoryError", "HandlerMode", "IoEvent", "IrqFd", "KvmError", "KvmUnavailableError",
     "Machine", "MachineTimeout", "Region", "Space",
 ]

@@ -40,17 +40,26 @@ class Dispatcher:
         #: a Python-level handoff (``EventHandoff``/``LockHandoff``) or None
         self.handoff = handoff
         self._regions = bus.regions_by_id
+        #: called on the loop before each loop-hosted access (drains the coalesced ring)
+        self.pre_serve = None
 
     # -- the C loop's accesses ----------------------------------------------------------
     def inline_access(self, vcpu: int, ctx) -> int:
         """Handle the access the C loop returned with; returns the read value."""
         region = self._regions[ctx.region]
         if region.mode is HandlerMode.LOOP and self.handoff is not None:
-            return self.handoff.call(vcpu, self.perform, ctx)
+            return self.handoff.call(vcpu, self._perform_on_loop, ctx)
+        return self.perform(ctx)
+
+    def _perform_on_loop(self, ctx) -> int:
+        if self.pre_serve is not None:
+            self.pre_serve()
         return self.perform(ctx)
 
     def serve_slot(self, ctx) -> None:
         """Loop side of the C handoffs: run a claimed access and complete the slot."""
+        if self.pre_serve is not None:
+            self.pre_serve()
         try:
             value = self.perform(ctx)
         except BaseException:

@@ -28,6 +28,7 @@ from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from .dispatch import Dispatcher
 from .errors import AiokvmError, ConfigError, GuestError, HandoffCancelled, MachineTimeout
 from .handoff import C_MECHANISMS, DEFAULT_HANDOFF, HANDOFFS, EventHandoff, LockHandoff, SlotServer
+from .kernel_paths import CoalescedRing, IoEvent, IoEventFd, IrqFd
 from .kvm import Kvm
 from .kvm.stats import KvmStats
 from .memory import GuestMemory
@@ -148,6 +149,12 @@ class Machine:
             self._kvm_stats = [KvmStats.for_vcpu(vcpu) for vcpu in self.vcpus]
         self._latency: list[LatencyRecorder] = []
         self._drain_handle: asyncio.TimerHandle | None = None
+        self._ioeventfds: list[tuple[Region, IoEventFd]] = []
+        self._irqfds: list[IrqFd] = []
+        self._coalesced: CoalescedRing | None = None
+        self._coalesced_regions: list[Region] = []
+        self._coalesced_counts: dict[str, int] = {}
+        self._coalesced_handle: asyncio.TimerHandle | None = None
         self.bus = Bus()
         python_handoff = {"event": EventHandoff, "lock": LockHandoff}.get(self.handoff_name)
         self.python_handoff = python_handoff(self._loop, self.vcpu_count) if python_handoff else None
@@ -177,6 +184,12 @@ class Machine:
         console = getattr(self, "console", None)
         if console is not None:
             console.close()
+        for _, efd in getattr(self, "_ioeventfds", []):
+            efd.close()
+        self._ioeventfds = []
+        for irq in getattr(self, "_irqfds", []):
+            irq.close()
+        self._irqfds = []
         for stats in getattr(self, "_kvm_stats", []):
             stats.close()
         self._kvm_stats = []
@@ -201,13 +214,86 @@ class Machine:
     def add_device(
         self, device, *, pio: tuple[int, int] | None = None, mmio: tuple[int, int] | None = None,
         mode: HandlerMode | str = HandlerMode.LOOP, name: str | None = None,
+        ioeventfds: list[IoEvent] | tuple[IoEvent, ...] = (), coalesced: bool = False,
     ) -> Region:
-        """Claim a PIO or MMIO range ``(base, length)`` for ``device``."""
+        """Claim a PIO or MMIO range ``(base, length)`` for ``device``.
+
+        ``mode``: where ``read``/``write`` run ("loop", the default, or
+        "inline" in the vCPU thread).  ``ioeventfds``: offsets whose guest
+        writes only signal the device (``device.ioevent(offset, datamatch,
+        count)`` on the loop, else one ``write(offset, size, datamatch or 0)``)
+        without an exit to user mode.  ``coalesced``: queue the region's
+        writes in KVM's coalesced ring (loop-hosted devices only); reads still
+        exit, after the queued writes are delivered.
+        """
         self._require_open()
         if (pio is None) == (mmio is None):
             raise ConfigError("give exactly one of pio=(base, length) or mmio=(base, length)")
         space, (base, length) = (Space.PIO, pio) if pio is not None else (Space.MMIO, mmio)
-        return self.bus.register(space, base, length, device, mode=HandlerMode(mode), name=name)
+        mode = HandlerMode(mode)
+        if coalesced and mode is not HandlerMode.LOOP:
+            raise ConfigError(f"{name or type(device).__name__}: coalesced writes are delivered on the loop; "
+                              "use mode='loop'")
+        for spec in ioeventfds:
+            if not 0 <= spec.offset < length:
+                raise ConfigError(f"ioeventfd offset {spec.offset:#x} is outside the device's {length:#x} bytes")
+        region = self.bus.register(space, base, length, device, mode=mode, name=name)
+        try:
+            for spec in ioeventfds:
+                self._ioeventfds.append((region, IoEventFd(
+                    self.vm, self._loop, addr=base + spec.offset, size=spec.size, pio=space is Space.PIO,
+                    datamatch=spec.datamatch, callback=self._ioevent_callback(region, spec),
+                    name=f"{region.name}+{spec.offset:#x}",
+                )))
+            if coalesced:
+                self.vm.coalesced_zone(base, length, pio=space is Space.PIO)
+                self._coalesced_regions.append(region)
+                if self._coalesced is None:
+                    self._coalesced = CoalescedRing(self.vcpus[0], self._deliver_coalesced)
+                    self.dispatcher.pre_serve = self._coalesced.drain
+        except BaseException:
+            for entry in [e for e in self._ioeventfds if e[0] is region]:
+                entry[1].close()
+                self._ioeventfds.remove(entry)
+            self.bus.unregister(region)
+            raise
+        return region
+
+    def _ioevent_callback(self, region: Region, spec: IoEvent):
+        device = region.device
+        notify = getattr(device, "ioevent", None)
+
+        def callback(count: int) -> None:
+            try:
+                if notify is not None:
+                    notify(spec.offset, spec.datamatch, count)
+                else:
+                    device.write(spec.offset, spec.size, spec.datamatch or 0)
+            except Exception as exc:
+                self._on_loop_error(exc)
+
+        return callback
+
+    def _deliver_coalesced(self, pio: bool, addr: int, size: int, data: bytes) -> None:
+        region = self.bus.find(Space.PIO if pio else Space.MMIO, addr, size)
+        if region is None:
+            return  # the zone was unregistered meanwhile
+        self._coalesced_counts[region.name] = self._coalesced_counts.get(region.name, 0) + 1
+        try:
+            region.device.write(addr - region.base, size, int.from_bytes(data, "little"))
+        except Exception as exc:
+            self._on_loop_error(exc)
+
+    def irqfd(self, gsi: int, *, resample: bool = False, on_resample=None) -> IrqFd:
+        """An interrupt line the loop raises by writing an eventfd (no vCPU kick).
+
+        ``resample=True`` makes it level-triggered: ``on_resample()`` runs on
+        the loop after the guest acknowledged it.
+        """
+        self._require_open()
+        irq = IrqFd(self.vm, self._loop, gsi, resample=resample, on_resample=on_resample)
+        self._irqfds.append(irq)
+        return irq
 
     def irq_line(self, irq: int, level: bool) -> None:
         """Drive an in-kernel irqchip input (thread-safe)."""
@@ -261,6 +347,8 @@ class Machine:
             self._slot_server.start()
         self._latency = [LatencyRecorder() for _ in self._threads]
         self._schedule_drain()
+        if self._coalesced is not None:
+            self._schedule_coalesced()
         try:
             for thread in self._threads:
                 thread.start()
@@ -275,10 +363,12 @@ class Machine:
             await self._join_vcpus()
             if self._slot_server is not None:
                 self._slot_server.close()
-            if self._drain_handle is not None:
-                self._drain_handle.cancel()
-                self._drain_handle = None
+            for handle in (self._drain_handle, self._coalesced_handle):
+                if handle is not None:
+                    handle.cancel()
+            self._drain_handle = self._coalesced_handle = None
             self._drain_samples()
+            self._drain_kernel_paths()
             self.console.drain()
             self._running = False
         if isinstance(outcome, BaseException):
@@ -417,6 +507,20 @@ class Machine:
     def running(self) -> bool:
         return self._running
 
+    #: how often the coalesced ring is drained while nothing else drains it
+    COALESCED_DRAIN_S = 0.001
+
+    def _schedule_coalesced(self) -> None:
+        self._coalesced.drain()
+        self._coalesced_handle = self._loop.call_later(self.COALESCED_DRAIN_S, self._schedule_coalesced)
+
+    def _drain_kernel_paths(self) -> None:
+        """Deliver what the guest wrote through kernel paths before it stopped."""
+        if self._coalesced is not None:
+            self._coalesced.drain()
+        for _, efd in self._ioeventfds:
+            efd.drain()
+
     def _schedule_drain(self) -> None:
         self._drain_samples()
         self._drain_handle = self._loop.call_later(0.25, self._schedule_drain)
@@ -447,6 +551,12 @@ class Machine:
                      "writes": sum(v["unclaimed"]["mmio_writes"] for v in vcpus)},
         }
         server = self._slot_server
+        paths = merge_counts(vcpus, "paths")
+        for region, efd in self._ioeventfds:
+            key = f"{region.name}/ioeventfd"
+            paths[key] = paths.get(key, 0) + efd.count
+        for name, count in self._coalesced_counts.items():
+            paths[f"{name}/coalesced"] = count
         return {
             "schema": STATS_SCHEMA,
             "vm": self.name,
@@ -455,8 +565,16 @@ class Machine:
             "exits": merge_counts(vcpus, "exits"),
             "pio": merge_counts(vcpus, "pio"),
             "mmio": merge_counts(vcpus, "mmio"),
-            "paths": merge_counts(vcpus, "paths"),
+            "paths": dict(sorted(paths.items())),
             "unclaimed": unclaimed,
+            "kernel_paths": {
+                "ioeventfd": {efd.name: {"signals": efd.count, "loop_wakeups": efd.wakeups}
+                              for _, efd in self._ioeventfds},
+                "irqfd": {str(irq.gsi): {"triggers": irq.triggers, "resamples": irq.resamples}
+                          for irq in self._irqfds},
+                "coalesced": {"entries": self._coalesced.entries if self._coalesced else 0,
+                              "by_region": dict(self._coalesced_counts)},
+            },
             "loop": {"wakeups": server.wakeups, "busy_polls": server.busy_polls,
                      "idle_sleeps": server.idle_sleeps} if server is not None else {},
         }

@@ -235,6 +235,8 @@ void aiokvm_take(struct aiokvm_vcpu *v);
 void aiokvm_complete(struct aiokvm_vcpu *v, uint64_t value);
 void aiokvm_cancel(struct aiokvm_vcpu *v);
 uint32_t aiokvm_drain_samples(struct aiokvm_vcpu *v, struct aiokvm_sample *out, uint32_t max);
+uint32_t aiokvm_coalesced_drain(struct kvm_coalesced_mmio_ring *ring, uint32_t capacity,
+                                struct kvm_coalesced_mmio *out, uint32_t max);
 uint32_t aiokvm_pio_nonzero(const uint64_t *counts, uint32_t *keys, uint64_t *values, uint32_t max);
 
 /* ---- helpers (aiokvm/kvm/_helpers.h); all return -errno on failure ---- */

@@ -505,6 +505,23 @@ static uint32_t aiokvm_drain_samples(struct aiokvm_vcpu *v, struct aiokvm_sample
     return n;
 }
 
+/* Drain KVM's coalesced MMIO/PIO ring into out[] (loop thread only). */
+static uint32_t aiokvm_coalesced_drain(struct kvm_coalesced_mmio_ring *ring, uint32_t capacity,
+                                       struct kvm_coalesced_mmio *out, uint32_t max)
+{
+    uint32_t n = 0;
+    while (n < max) {
+        uint32_t first = ring->first;
+        if (first == __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE))
+            break;
+        if (first >= capacity)
+            break; /* never trust a shared index blindly */
+        out[n++] = ring->coalesced_mmio[first];
+        __atomic_store_n(&ring->first, (first + 1) % capacity, __ATOMIC_RELEASE);
+    }
+    return n;
+}
+
 /* Non-zero per-port counters: fills ports[]/counts[] with (port*2+is_out). */
 static uint32_t aiokvm_pio_nonzero(const uint64_t *counts, uint32_t *keys, uint64_t *values, uint32_t max)
 {
