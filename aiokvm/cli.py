@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import structlog
 
-from .errors import AiokvmError, MachineTimeout
+from .errors import AiokvmError, ConfigError, MachineTimeout
 
 EXIT_ERROR = 2
 EXIT_TIMEOUT = 124
@@ -45,9 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--cmdline", default="", help="guest command line")
     run.add_argument("--timeout", type=float, default=None, help="stop the guest after S seconds (exit 124)")
-    run.add_argument("--handoff", default=None, help="vCPU-to-loop handoff mechanism (default: the fastest)")
+    run.add_argument("--handoff", default=None,
+                     help="vCPU-to-loop handoff: spin (default), wake, futex, event or lock")
     run.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop)")
-    run.add_argument("--stats", action="store_true", help="print exit counts at the end (on stderr)")
+    run.add_argument("--stats", action="store_true",
+                     help="print exit counts, latency percentiles and the mode split at the end (on stderr)")
+    run.add_argument("--stats-json", metavar="FILE",
+                     help="write the same as JSON (schema aiokvm.stats/1, docs/stats-schema.md)")
     run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
     sub.add_parser("info", help="show KVM, capabilities and bundled guests")
@@ -87,8 +91,12 @@ async def _run(args) -> int:
             status = await vm.run(timeout=args.timeout)
         finally:
             out.flush()
-            if args.stats:
-                print_stats(vm.stats(), file=sys.stderr)
+            if args.stats or args.stats_json:
+                stats = vm.stats()
+                if args.stats:
+                    print_stats(stats, file=sys.stderr)
+                if args.stats_json:
+                    _write_json(args.stats_json, stats)
     if status.code is None:
         print(f"aiokvm: guest ended: {status.reason}", file=sys.stderr)
         return 0
@@ -96,27 +104,55 @@ async def _run(args) -> int:
 
 
 def print_stats(stats: dict, file=sys.stderr) -> None:
-    """A plain-text table of exit counts."""
+    """Exit counts, latency percentiles and the three-mode split as tables."""
     w = file.write
     w(f"\n== aiokvm stats: {stats['vm']} (handoff {stats['handoff']}) ==\n")
-    w(f"{'exits by reason':<28}{'count':>12}\n")
+    w(f"{'exits by reason':<34}{'count':>12}\n")
     for reason, n in stats["exits"].items():
-        w(f"  {reason:<26}{n:>12}\n")
+        w(f"  {reason:<32}{n:>12}\n")
     if stats["pio"]:
-        w(f"{'port I/O exits':<28}{'count':>12}\n")
+        w(f"{'port I/O exits (port/dir)':<34}{'count':>12}\n")
         for key, n in stats["pio"].items():
-            w(f"  {key:<26}{n:>12}\n")
+            w(f"  {key:<32}{n:>12}\n")
     if stats["mmio"]:
-        w(f"{'MMIO exits':<28}{'count':>12}\n")
+        w(f"{'MMIO exits (region)':<34}{'count':>12}\n")
         for key, n in stats["mmio"].items():
-            w(f"  {key:<26}{n:>12}\n")
-    w(f"{'handlers by device/path':<28}{'count':>12}\n")
+            w(f"  {key:<32}{n:>12}\n")
+    w(f"{'accesses by device/path':<34}{'count':>12}\n")
     for key, n in stats["paths"].items():
-        w(f"  {key:<26}{n:>12}\n")
+        w(f"  {key:<32}{n:>12}\n")
     for space, c in stats["unclaimed"].items():
-        w(f"  unclaimed {space:<16}{'reads ' + str(c['reads']) + ', writes ' + str(c['writes']):>12}\n")
+        w(f"  {'unclaimed ' + space + ' reads/writes':<32}{str(c['reads']) + '/' + str(c['writes']):>12}\n")
     for v in stats["vcpus"]:
-        w(f"  vCPU {v['index']}: {v['user_exits']} user exits, {v['kicks']} kicks\n")
+        kvm = v.get("kvm", {})
+        w(f"\n-- vCPU {v['index']}: {v['user_exits']} exits to user mode")
+        if "exits" in kvm:
+            w(f", KVM counted {kvm['exits']} exits ({kvm['exits'] - v['user_exits']} handled in the kernel)")
+        w("\n")
+        latency = v.get("latency", {})
+        if any(h.get("count") for h in latency.values()):
+            w(f"  {'latency (us, sampled)':<22}{'count':>8}{'p50':>9}{'p99':>9}{'max':>10}\n")
+            for name, h in latency.items():
+                if h.get("count"):
+                    w(f"  {name:<22}{h['count']:>8}{h['p50_us']:>9.2f}{h['p99_us']:>9.2f}{h['max_us']:>10.1f}\n")
+        modes = v.get("modes", {})
+        if modes.get("wall_s"):
+            wall = modes["wall_s"]
+            w(f"  {'mode':<22}{'seconds':>10}{'% wall':>8}\n")
+            for key in ("guest_s", "user_s", "kernel_s", "wait_s", "unaccounted_s"):
+                w(f"  {key[:-2]:<22}{modes[key]:>10.4f}{100 * modes[key] / wall:>7.1f}%\n")
+            w(f"  {'wall':<22}{wall:>10.4f}\n")
+
+
+def _write_json(path: str, stats: dict) -> None:
+    import json
+
+    try:
+        with open(path, "w") as fh:
+            json.dump(stats, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write stats to {path}: {exc.strerror}") from None
 
 
 def _info() -> int:

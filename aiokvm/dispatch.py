@@ -17,6 +17,8 @@ dispatched element by element within the one exit (``dispatch_io``).
 
 from __future__ import annotations
 
+from time import perf_counter_ns
+
 import structlog
 
 from .bus import Bus, HandlerMode, Region
@@ -48,7 +50,14 @@ class Dispatcher:
         """Handle the access the C loop returned with; returns the read value."""
         region = self._regions[ctx.region]
         if region.mode is HandlerMode.LOOP and self.handoff is not None:
-            return self.handoff.call(vcpu, self._perform_on_loop, ctx)
+            # Python-level handoff: the C loop cannot time this wait, so do it here.
+            start = perf_counter_ns()
+            try:
+                return self.handoff.call(vcpu, self._perform_on_loop, ctx)
+            finally:
+                waited = perf_counter_ns() - start
+                ctx.wait_ns += waited
+                ctx.sleep_wait_ns += waited
         return self.perform(ctx)
 
     def _perform_on_loop(self, ctx) -> int:

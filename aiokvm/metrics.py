@@ -151,25 +151,27 @@ def vcpu_stats(thread, bus, *, kvm: dict | None, modes: dict | None, latency: di
 
 
 def mode_split(times, *, wall_s: float, spin_wait_s: float, sleep_wait_s: float) -> dict:
-    """Guest / user / kernel / wait seconds of a vCPU thread over ``wall_s``.
+    """Guest / user / kernel / wait seconds of a vCPU thread, partitioning ``wall_s``.
 
-    ``times`` is a ``procstat.ThreadTimes`` difference.  Spinning while
-    waiting for a loop-hosted handler is user-mode CPU to the kernel; it is
-    moved from ``user_s`` to ``wait_s`` so the parts do not overlap.
-    ``unaccounted_s`` is what is left: time the thread was runnable but not
-    running (preempted: more threads than cores), waiting for the GIL, or
-    parked by ``pause()``.  The tick-based split (10 ms resolution) is scaled
-    to schedstat's exact on-CPU time when it is available.
+    ``times`` is a ``procstat.ThreadTimes`` difference.  The tick-based split
+    (10 ms resolution) is scaled to schedstat's exact on-CPU time when it is
+    available.  ``wait_s`` is the measured wall time waiting for loop-hosted
+    handlers (spinning, then sleeping).  CPU time spent *inside* those waits
+    would otherwise count twice, so it leaves the other modes: the spinning
+    leaves ``user_s``, and whatever still overlaps (the futex system calls)
+    leaves ``kernel_s``.  ``unaccounted_s`` is the rest: runnable but not
+    running (more busy threads than cores), waiting for the GIL, or parked by
+    ``pause()``.
     """
     guest, user, kernel = times.guest_s, times.user_s, times.kernel_s
     ticks = guest + user + kernel
     if times.on_cpu_s is not None and ticks > 0:
-        # utime/stime/guest_time come in clock ticks (10 ms); schedstat's on-CPU
-        # time is exact.  Keep the tick split, scale it to the exact total.
         scale = times.on_cpu_s / ticks
         guest, user, kernel = guest * scale, user * scale, kernel * scale
     user = max(user - spin_wait_s, 0.0)
     wait = spin_wait_s + sleep_wait_s
+    overlap = max(guest + user + kernel + wait - wall_s, 0.0)
+    kernel = max(kernel - overlap, 0.0)
     accounted = guest + user + kernel + wait
     return {
         "guest_s": guest,
