@@ -35,75 +35,111 @@ def _mask(size: int) -> int:
 
 
 class Dispatcher:
-    """Routes accesses to devices on one machine's bus."""
+    """Routes accesses to devices on one machine's bus.
+
+    For speed, each region gets a small closure (``handlers[region.id]``)
+    that calls its device directly; the lists are rebuilt in place whenever
+    the bus changes, so the vCPU threads can keep a reference to them.
+    """
 
     def __init__(self, bus: Bus, handoff=None) -> None:
         self.bus = bus
         #: a Python-level handoff (``EventHandoff``/``LockHandoff``) or None
         self.handoff = handoff
-        self._regions = bus.regions_by_id
         #: called on the loop before each loop-hosted access (drains the coalesced ring)
         self.pre_serve = None
+        #: per region id: what the vCPU thread calls after the C loop returned
+        self.vcpu_handlers: list = []
+        #: per region id: what the loop calls for a posted access
+        self.loop_handlers: list = []
+        bus.on_change(self._rebuild)
+        self._rebuild()
 
-    # -- the C loop's accesses ----------------------------------------------------------
-    def inline_access(self, vcpu: int, ctx) -> int:
-        """Handle the access the C loop returned with; returns the read value."""
-        region = self._regions[ctx.region]
-        if region.mode is HandlerMode.LOOP and self.handoff is not None:
-            # Python-level handoff: the C loop cannot time this wait, so do it here.
+    def _rebuild(self) -> None:
+        direct = [_direct_handler(r) if r is not None else _gone for r in self.bus.regions_by_id]
+        vcpu = []
+        for region, handler in zip(self.bus.regions_by_id, direct, strict=True):
+            if region is not None and region.mode is HandlerMode.LOOP and self.handoff is not None:
+                handler = self._handed_off(handler)
+            vcpu.append(handler)
+        self.loop_handlers[:] = direct
+        self.vcpu_handlers[:] = vcpu
+
+    def _handed_off(self, handler):
+        handoff = self.handoff
+
+        def on_loop(ctx) -> int:
+            if self.pre_serve is not None:
+                self.pre_serve()
+            return handler(ctx)
+
+        def call(ctx, vcpu: int = 0) -> int:
+            # The C loop cannot time a Python-level wait, so it is timed here.
             start = perf_counter_ns()
             try:
-                return self.handoff.call(vcpu, self._perform_on_loop, ctx)
+                return handoff.call(ctx.index, on_loop, ctx)
             finally:
                 waited = perf_counter_ns() - start
                 ctx.wait_ns += waited
                 ctx.sleep_wait_ns += waited
-        return self.perform(ctx)
 
-    def _perform_on_loop(self, ctx) -> int:
-        if self.pre_serve is not None:
-            self.pre_serve()
-        return self.perform(ctx)
+        return call
+
+    def inline_access(self, ctx) -> int:
+        """Handle the access the C loop returned with (vCPU thread); returns the read value."""
+        return self.vcpu_handlers[ctx.region](ctx)
 
     def serve_slot(self, ctx) -> None:
         """Loop side of the C handoffs: run a claimed access and complete the slot."""
         if self.pre_serve is not None:
             self.pre_serve()
         try:
-            value = self.perform(ctx)
+            value = self.loop_handlers[ctx.region](ctx)
         except BaseException:
             lib.aiokvm_cancel(ctx)  # the vCPU gives up; the error stops the machine
             raise
         lib.aiokvm_complete(ctx, value)
 
-    def perform(self, ctx) -> int:
-        """Call the device for the access described by ``ctx``."""
-        region = self._regions[ctx.region]
-        kind = ctx.kind
-        if ctx.simple:
-            size = ctx.size
-            offset = ctx.addr - region.base
-            try:
-                if kind & 1:  # IO_OUT / MMIO_WRITE
-                    region.device.write(offset, size, ctx.value)
+
+def _gone(ctx) -> int:
+    # The region was unregistered while an access to it was in flight.
+    return MASKS[ctx.size] if not ctx.kind & 1 else 0
+
+
+def _direct_handler(region: Region):
+    """A closure calling ``region``'s device for the access described by a C context."""
+    read, write, base = region.device.read, region.device.write, region.base
+
+    def access(ctx) -> int:
+        try:
+            if ctx.simple:
+                if ctx.kind & 1:  # IO_OUT / MMIO_WRITE
+                    write(ctx.addr - base, ctx.size, ctx.value)
                     return 0
-                return region.device.read(offset, size) & MASKS[size]
-            except DeviceError:
-                raise
-            except Exception as exc:
-                raise _device_failure(region, _describe(kind, ctx.addr, size), exc) from exc
-        # String I/O: decode from kvm_run, dispatch per element, write back.
-        run = ctx.run
-        base = ffi.cast("uint8_t *", run)
-        io = run.io
-        direction = Direction(io.direction)
-        data = b""
-        if direction is Direction.OUT:
-            data = bytes(ffi.buffer(base + io.data_offset, io.size * io.count))
-        result = perform_io(region, IoExit(io.port, io.size, direction, io.count, data))
-        if result:
-            ffi.memmove(base + io.data_offset, result, len(result))
-        return 0
+                size = ctx.size
+                return read(ctx.addr - base, size) & MASKS[size]
+        except DeviceError:
+            raise
+        except Exception as exc:
+            raise _device_failure(region, _describe(ctx.kind, ctx.addr, ctx.size), exc) from exc
+        return _string_io(region, ctx)
+
+    return access
+
+
+def _string_io(region: Region, ctx) -> int:
+    """String I/O: decode from kvm_run, dispatch per element, write the reads back."""
+    run = ctx.run
+    base = ffi.cast("uint8_t *", run)
+    io = run.io
+    direction = Direction(io.direction)
+    data = b""
+    if direction is Direction.OUT:
+        data = bytes(ffi.buffer(base + io.data_offset, io.size * io.count))
+    result = perform_io(region, IoExit(io.port, io.size, direction, io.count, data))
+    if result:
+        ffi.memmove(base + io.data_offset, result, len(result))
+    return 0
 
 
 def _describe(kind: int, addr: int, size: int) -> str:

@@ -216,7 +216,7 @@ class VcpuThread:
     def _loop(self) -> None:
         ctx, index = self.ctx, self.index
         run = lib.aiokvm_vcpu_run
-        access = self.dispatcher.inline_access
+        handlers = self.dispatcher.vcpu_handlers  # updated in place on bus changes
         RC_PYTHON, RC_INTR, RC_OTHER = lib.AIOKVM_RC_PYTHON, lib.AIOKVM_RC_INTR, lib.AIOKVM_RC_OTHER
         RC_CANCELLED = lib.AIOKVM_RC_CANCELLED
         in_value = 0
@@ -225,7 +225,7 @@ class VcpuThread:
             in_value = 0
             if rc == RC_PYTHON:
                 try:
-                    in_value = access(index, ctx)
+                    in_value = handlers[ctx.region](ctx)
                 except HandoffCancelled:
                     return
             elif rc == RC_INTR:
