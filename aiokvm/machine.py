@@ -77,6 +77,11 @@ class Machine:
     ) -> None:
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
             raise ConfigError(f"vcpus must be a positive integer, got {vcpus!r}")
+        for label, value in (("spin_us", spin_us), ("poll_window_us", poll_window_us)):
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1e6:
+                raise ConfigError(f"{label} must be a number of microseconds in [0, 1e6], got {value!r}")
+        if isinstance(sample_every, bool) or not isinstance(sample_every, int) or not 1 <= sample_every <= 1 << 20:
+            raise ConfigError(f"sample_every must be an integer in [1, 2**20], got {sample_every!r}")
         if handoff not in HANDOFFS:
             raise ConfigError(f"unknown handoff {handoff!r}; choose one of {', '.join(sorted(HANDOFFS))}")
         from .memory import parse_size, validate_memory_size

@@ -169,3 +169,7 @@ async def test_misuse_is_config_error():
         Machine(vcpus=0)
     with pytest.raises(ConfigError):
         Machine(handoff="carrier-pigeon")
+    with pytest.raises(ConfigError, match="spin_us"):
+        Machine(spin_us=-1)
+    with pytest.raises(ConfigError, match="sample_every"):
+        Machine(sample_every=0)
