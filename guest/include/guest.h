@@ -17,6 +17,16 @@ int main(void);
  * when cpl=3 is given on the command line (e.g. triplefault needs lidt). */
 extern const int guest_ring0_only;
 
+/* ---- interrupts ---- */
+/* Points IDT vector vec (32-255; others are ignored) at handler through a
+ * ring-0 interrupt gate (IF is cleared on entry).  The handler must end in
+ * iretq and save what it clobbers: in C, declare it
+ *   __attribute__((interrupt)) void h(struct interrupt_frame *f);
+ * and cast it to void (*)(void).  It runs on the current stack (CPL 0)
+ * or on the TSS rsp0 stack (interrupt from CPL 3). */
+struct interrupt_frame;
+void idt_set_handler(unsigned int vec, void (*handler)(void));
+
 /* ---- exit ---- */
 #define DEBUG_EXIT_PORT 0xf4
 __attribute__((noreturn)) void guest_exit(uint32_t code);

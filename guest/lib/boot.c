@@ -70,6 +70,23 @@ void idt_load(void)
 	__asm__ volatile("lidt %0" : : "m"(idt_ptr));
 }
 
+/* Installs a present ring-0 interrupt gate (IF cleared on entry) for an
+ * external-interrupt vector.  Vectors 0-31 stay with the exception stubs. */
+void idt_set_handler(unsigned int vec, void (*handler)(void))
+{
+	uint64_t h = (uint64_t)handler;
+
+	if (vec < 32 || vec > 255)
+		return;
+	idt[vec].off_lo = (uint16_t)h;
+	idt[vec].sel = KERNEL_CS;
+	idt[vec].ist = 0;
+	idt[vec].off_mid = (uint16_t)(h >> 16);
+	idt[vec].off_hi = (uint32_t)(h >> 32);
+	__asm__ volatile("" : : : "memory");   /* present bit last */
+	idt[vec].type_attr = 0x8e;
+}
+
 /* ---- TSS: rsp0 for exceptions from ring 3, plus an all-zero I/O
  * permission bitmap.  Ring-3 port I/O is allowed by IOPL=3 *and* by the
  * bitmap; some hypervisors (e.g. PVM) do not preserve a guest's virtual
