@@ -145,6 +145,7 @@ class SlotServer:
         *,
         on_error: Callable[[BaseException], None],
         poll_window_us: float = 500.0,
+        spin_yield: bool | None = None,
     ) -> None:
         if len(vcpu_ctxs) > lib.AIOKVM_HUB_MAX_VCPUS:
             raise ValueError(f"the {mech} handoff serves at most {lib.AIOKVM_HUB_MAX_VCPUS} vCPUs")
@@ -159,6 +160,11 @@ class SlotServer:
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.hub.wake_fd = self.wake_fd
         self.hub.nvcpus = len(vcpu_ctxs)
+        if spin_yield is None:
+            # More busy threads (vCPUs + this loop) than cores: a spinning
+            # thread would keep the one it waits for off the CPU.
+            spin_yield = len(vcpu_ctxs) + 1 > len(os.sched_getaffinity(0))
+        self.hub.spin_yield = 1 if spin_yield else 0
         for i, ctx in enumerate(vcpu_ctxs):
             self.hub.vcpus[i] = ctx
             ctx.hub = self.hub

@@ -207,7 +207,7 @@ struct aiokvm_sample {
 };
 struct aiokvm_vcpu;
 struct aiokvm_hub {
-    uint32_t polling; int32_t wake_fd; uint32_t nvcpus;
+    uint32_t polling; int32_t wake_fd; uint32_t nvcpus; uint32_t spin_yield;
     struct aiokvm_vcpu *vcpus[64]; ...;
 };
 struct aiokvm_vcpu {

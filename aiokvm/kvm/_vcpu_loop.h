@@ -23,6 +23,7 @@
 #define AIOKVM_VCPU_LOOP_H
 
 #include <errno.h>
+#include <sched.h>
 #include <linux/futex.h>
 #include <linux/kvm.h>
 #include <stdint.h>
@@ -85,7 +86,7 @@ struct aiokvm_hub {
     uint32_t polling; /* the loop is polling the slots (atomic) */
     int32_t wake_fd;  /* eventfd the loop sleeps on */
     uint32_t nvcpus;
-    uint32_t pad;
+    uint32_t spin_yield; /* spin with sched_yield(): more busy threads than cores */
     struct aiokvm_vcpu *vcpus[AIOKVM_HUB_MAX_VCPUS];
 };
 
@@ -164,6 +165,16 @@ static inline void aiokvm_cpu_relax(void)
     __builtin_ia32_pause();
 }
 
+/* While spinning: with spare cores, pause; with more busy threads than cores,
+ * give the core to whoever we are waiting for. */
+static inline void aiokvm_spin_relax(const struct aiokvm_hub *hub)
+{
+    if (hub->spin_yield)
+        sched_yield();
+    else
+        __builtin_ia32_pause();
+}
+
 static inline long aiokvm_futex(uint32_t *addr, int op, uint32_t val)
 {
     return syscall(SYS_futex, addr, op, val, NULL, NULL, 0);
@@ -230,7 +241,7 @@ static int aiokvm_post_and_wait(struct aiokvm_vcpu *v)
             }
             if ((++n & 63) == 0 && aiokvm_now_ns() >= deadline)
                 break;
-            aiokvm_cpu_relax();
+            aiokvm_spin_relax(hub);
         }
     }
     t_sleep = aiokvm_now_ns();
@@ -453,7 +464,7 @@ static uint64_t aiokvm_hub_wait(struct aiokvm_hub *hub, uint64_t max_ns)
             else if (now >= deadline)
                 return 0;
         }
-        aiokvm_cpu_relax();
+        aiokvm_spin_relax(hub);
     }
 }
 

@@ -1,0 +1,504 @@
+"""Per-exit cost of every aiokvm I/O path against a C VMM and QEMU.
+
+The guest is the bundled ``exitloop`` (n back-to-back port writes to 0x80,
+or MMIO writes); it reads the TSC around its loop and prints
+``exitloop: cycles C (P per exit)``.  That guest-side figure is the one
+instrument used for every one-vCPU path (aiokvm, the C baseline in
+``benchmarks/c/exitloop.c`` and QEMU microvm), converted to microseconds
+with a host TSC frequency calibrated once per run.
+
+Paths, at each CPL (``--cpl 0,3``), one vCPU unless noted:
+
+- ``c``: the C baseline VMM (every exit handled inline in C);
+- ``unclaimed``: no device on the port (aiokvm's C fast path);
+- ``inline``: a Python device run in the vCPU thread;
+- ``loop:<mech>``: a loop-hosted Python device under every handoff
+  mechanism, on uvloop and on the asyncio loop; ``loop:default`` is the
+  same without naming a handoff;
+- ``ioeventfd``: writes signal an eventfd inside KVM (no user-mode exit);
+- ``coalesced`` / ``mmio-loop``: MMIO writes queued in KVM's coalesced
+  ring, against the same MMIO device loop-hosted without it;
+- ``qemu``: QEMU microvm.  Also reported: the whole-process figure
+  ((wall of n exits - wall of 0 exits) / n);
+- ``loop:<mech>`` with two vCPUs (spin/wake/futex, uvloop): ``exitloop
+  cpus=2``, both vCPUs looping at once on their own port of one
+  loop-hosted device; per exit is the mean of the two vCPUs' guest-side
+  figures, so it compares directly with the one-vCPU ``c`` row.
+
+All paths are run interleaved over ``--repeat`` rounds and the median is
+reported, with CPU seconds per exit (getrusage) and vCPU 0's mode split
+(guest/user/kernel/wait fractions of its wall time) where aiokvm has it.
+It measures and reports; it asserts nothing.
+
+    python benchmarks/exits.py [--n 20000] [--repeat 5] [--cpl 0,3] [--quick]
+                               [--only PATH,...] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvloop
+
+import aiokvm
+from aiokvm import guests
+from aiokvm.handoff import DEFAULT_HANDOFF, HANDOFFS
+
+try:
+    from aiokvm.machine import IoEvent
+except ImportError:  # the kernel-side paths are not in this tree yet
+    IoEvent = None
+
+HERE = Path(__file__).resolve().parent
+SINK_PORT = 0x80
+SINK_MMIO = 0xD000_0000
+SLOW_MECHS = ("futex", "event", "lock")
+TWO_VCPU_MECHS = ("spin", "wake", "futex")
+CYCLES_RE = re.compile(rb"exitloop: (?:cpu \d+ )?cycles \d+ \((\d+) per exit\)")
+
+TSC_C = r"""
+#include <stdio.h>
+#include <stdint.h>
+#include <time.h>
+#include <x86intrin.h>
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC_RAW, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+int main(void)
+{
+	double t0 = now(), t1;
+	uint64_t c0 = __rdtsc(), c1;
+	do {
+		t1 = now();
+	} while (t1 - t0 < 0.2);
+	c1 = __rdtsc();
+	printf("%.0f\n", (c1 - c0) / (t1 - t0));
+	return 0;
+}
+"""
+
+
+# -- devices -------------------------------------------------------------------------
+
+
+class Sink:
+    """Accepts every write, reads as zero; counts the writes it was told about."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes += 1
+
+    def ioevent(self, offset: int, datamatch: int | None, count: int) -> None:
+        self.writes += count
+
+
+# -- what is measured ------------------------------------------------------------------
+
+
+@dataclass
+class Spec:
+    path: str            # JSON "path"
+    label: str           # table label (differs for two-vCPU rows)
+    kind: str            # c | qemu | vm
+    cpl: int
+    n: int
+    loop: str = "-"      # uvloop | asyncio | -
+    vcpus: int = 1
+    handoff: str | None = None   # None: Machine's default
+    setup: str = "none"  # vm rows: none | inline | loop | ioeventfd | coalesced | mmio-loop
+    samples: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    unavailable: str | None = None
+
+
+def cmdline(n: int, cpl: int, mmio: bool = False, vcpus: int = 1) -> str:
+    parts = [f"n={n}", f"port={SINK_PORT:#x}", "tsc=1"]
+    if vcpus > 1:
+        parts.append(f"cpus={vcpus}")
+    if mmio:
+        parts.append(f"mmio={SINK_MMIO:#x}")
+    if cpl == 3:
+        parts.append("cpl=3")
+    return " ".join(parts)
+
+
+def kernel_path_support() -> dict[str, str | None]:
+    """Why the kernel-side rows cannot run here (None: they can)."""
+    params = inspect.signature(aiokvm.Machine.add_device).parameters
+    return {
+        "ioeventfd": None if IoEvent is not None and "ioeventfds" in params
+        else "Machine.add_device(ioeventfds=) / aiokvm.machine.IoEvent not available",
+        "coalesced": None if "coalesced" in params else "Machine.add_device(coalesced=) not available",
+    }
+
+
+def build_specs(cpls: list[int], n: int, quick: bool) -> list[Spec]:
+    support = kernel_path_support()
+    slow_n = max(n // 4, 100)
+    specs: list[Spec] = []
+    for cpl in cpls:
+        specs.append(Spec("c", "c", "c", cpl, n))
+        specs.append(Spec("unclaimed", "unclaimed", "vm", cpl, n, loop="uvloop"))
+        specs.append(Spec("inline", "inline", "vm", cpl, n, loop="uvloop", setup="inline"))
+        for loop in ("uvloop", "asyncio"):
+            specs.append(Spec("loop:default", "loop:default", "vm", cpl, n, loop=loop, setup="loop"))
+            for mech in HANDOFFS:
+                if quick and loop == "asyncio" and mech in SLOW_MECHS:
+                    continue
+                specs.append(Spec(f"loop:{mech}", f"loop:{mech}", "vm", cpl, slow_n if mech in SLOW_MECHS else n,
+                                  loop=loop, handoff=mech, setup="loop"))
+        for name, setup in (("ioeventfd", "ioeventfd"), ("mmio-loop", "mmio-loop"), ("coalesced", "coalesced")):
+            spec = Spec(name, name, "vm", cpl, n, loop="uvloop", setup=setup)
+            spec.unavailable = support.get(name)
+            specs.append(spec)
+        specs.append(Spec("qemu", "qemu", "qemu", cpl, n))
+        if shutil.which("qemu-system-x86_64") is None:
+            specs[-1].unavailable = "qemu-system-x86_64 not found"
+        for mech in TWO_VCPU_MECHS:
+            specs.append(Spec(f"loop:{mech}", f"loop:{mech}:2vcpu", "vm", cpl, slow_n if mech in SLOW_MECHS else n,
+                              loop="uvloop", vcpus=2, handoff=mech, setup="loop"))
+    return specs
+
+
+# -- runners ---------------------------------------------------------------------------
+
+
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def parse_cycles(output: bytes) -> int | None:
+    """Cycles per exit; with several vCPUs, the mean of their figures."""
+    values = [int(v) for v in CYCLES_RE.findall(output)]
+    return round(statistics.mean(values)) if values else None
+
+
+def run_process(cmd: list[str], timeout: float = 300) -> tuple[bytes, float, float]:
+    """stdout, wall seconds and CPU seconds of one child process."""
+    cpu0 = cpu_seconds(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=timeout, check=False)
+    wall = time.perf_counter() - start
+    return proc.stdout, wall, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu0
+
+
+def qemu_cmd(elf: str, append: str) -> list[str]:
+    return ["qemu-system-x86_64", "-enable-kvm", "-M", "microvm,acpi=off", "-cpu", "qemu64", "-m", "64M",
+            "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", elf, "-append", append]
+
+
+def mode_fractions(stats: dict) -> dict | None:
+    try:
+        modes = stats["vcpus"][0]["modes"]
+        wall = modes["wall_s"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not wall:
+        return None
+    return {key: modes.get(f"{key}_s", 0.0) / wall for key in ("guest", "user", "kernel", "wait", "unaccounted")}
+
+
+async def run_vm(spec: Spec) -> dict:
+    kwargs = {"memory": "64M", "vcpus": spec.vcpus}
+    if spec.handoff is not None:
+        kwargs["handoff"] = spec.handoff
+    mmio = spec.setup in ("mmio-loop", "coalesced")
+    sink = Sink()
+    async with aiokvm.Machine(**kwargs) as vm:
+        if spec.setup in ("inline", "loop"):
+            vm.add_device(sink, pio=(SINK_PORT, spec.vcpus), mode=spec.setup, name="sink")
+        elif spec.setup == "ioeventfd":
+            vm.add_device(sink, pio=(SINK_PORT, 1), mode="loop", name="sink",
+                          ioeventfds=[IoEvent(offset=0, size=1)])
+        elif spec.setup == "mmio-loop":
+            vm.add_device(sink, mmio=(SINK_MMIO, 0x1000), mode="loop", name="sink")
+        elif spec.setup == "coalesced":
+            vm.add_device(sink, mmio=(SINK_MMIO, 0x1000), mode="loop", name="sink", coalesced=True)
+        vm.load("exitloop", cmdline=cmdline(spec.n, spec.cpl, mmio=mmio, vcpus=spec.vcpus))
+        cpu0 = cpu_seconds(resource.RUSAGE_SELF)
+        start = time.perf_counter()
+        status = await vm.run(timeout=120)
+        wall = time.perf_counter() - start
+        cpu = cpu_seconds(resource.RUSAGE_SELF) - cpu0
+        output = vm.console.output
+        stats = vm.stats()
+    cycles = parse_cycles(output)
+    if cycles is None or status.code != 0:
+        raise RuntimeError(f"guest ended {status} without a cycles line")
+    return {"cycles": cycles, "exits": spec.n * spec.vcpus, "wall_s": wall, "cpu_s": cpu,
+            "modes": mode_fractions(stats),
+            "delivered": sink.writes if spec.setup != "none" else None, "paths": stats.get("paths"),
+            "idle_sleeps": (stats.get("loop") or {}).get("idle_sleeps")}
+
+
+class Bench:
+    def __init__(self, tsc_hz: float, c_exe: str | None) -> None:
+        self.tsc_hz = tsc_hz
+        self.c_exe = c_exe
+        self.elf = str(guests.path("exitloop"))
+        self.loops = {"uvloop": uvloop.new_event_loop(), "asyncio": asyncio.new_event_loop()}
+        #: zero-exit runs: (kind, cpl, vcpus) -> list of {wall_s, cpu_s}
+        self.zero: dict[tuple, list[dict]] = {}
+
+    def close(self) -> None:
+        for loop in self.loops.values():
+            loop.close()
+
+    def us(self, cycles_per_exit: int) -> float:
+        return cycles_per_exit / self.tsc_hz * 1e6
+
+    def zero_run(self, key: tuple) -> dict:
+        kind, cpl, vcpus = key
+        if kind == "qemu":
+            _, wall, cpu = run_process(qemu_cmd(self.elf, cmdline(0, cpl)))
+            sample = {"wall_s": wall, "cpu_s": cpu}
+        else:
+            raise ValueError(f"no zero run for {kind}")
+        self.zero.setdefault(key, []).append(sample)
+        return sample
+
+    def measure(self, spec: Spec) -> dict:
+        if spec.kind == "c":
+            out, wall, cpu = run_process([self.c_exe, self.elf, cmdline(spec.n, spec.cpl), "64"])
+            cycles = parse_cycles(out)
+            if cycles is None:
+                raise RuntimeError(f"C baseline printed no cycles line: {out[-200:]!r}")
+            return {"us": self.us(cycles), "wall_s": wall, "cpu_s": cpu, "exits": spec.n}
+        if spec.kind == "qemu":
+            zero = self.zero_run(("qemu", spec.cpl, 1))
+            out, wall, cpu = run_process(qemu_cmd(self.elf, cmdline(spec.n, spec.cpl)))
+            cycles = parse_cycles(out)
+            if cycles is None:
+                raise RuntimeError(f"QEMU guest printed no cycles line: {out[-200:]!r}")
+            return {"us": self.us(cycles), "wall_s": wall, "exits": spec.n,
+                    # whole-process cost minus a zero-exit run, per exit
+                    "us_process": (wall - zero["wall_s"]) / spec.n * 1e6,
+                    "cpu_s": max(cpu - zero["cpu_s"], 0.0)}
+        loop = self.loops[spec.loop]
+        if spec.kind == "vm":
+            sample = loop.run_until_complete(run_vm(spec))
+            sample["us"] = self.us(sample["cycles"])
+            return sample
+        raise ValueError(f"unknown kind {spec.kind}")
+
+
+# -- setup -------------------------------------------------------------------------------
+
+
+def build_tools(tmp: str) -> tuple[str | None, float | None, str | None]:
+    """Compile the C baseline and the TSC calibrator; returns (exitloop, tsc_hz, tsc source)."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    c_exe = tsc_hz = None
+    source = None
+    if gcc:
+        c_exe = os.path.join(tmp, "exitloop")
+        if subprocess.run([gcc, "-O2", "-o", c_exe, str(HERE / "c" / "exitloop.c")], check=False).returncode:
+            c_exe = None
+        tsc_src, tsc_exe = os.path.join(tmp, "tsc.c"), os.path.join(tmp, "tsc")
+        Path(tsc_src).write_text(TSC_C)
+        if subprocess.run([gcc, "-O2", "-o", tsc_exe, tsc_src], check=False).returncode == 0:
+            values = [float(subprocess.run([tsc_exe], capture_output=True, text=True, check=True).stdout)
+                      for _ in range(3)]
+            tsc_hz, source = statistics.median(values), "rdtsc over 200 ms of CLOCK_MONOTONIC_RAW"
+    if tsc_hz is None:
+        tsc_hz, source = cpuinfo_mhz() * 1e6, "/proc/cpuinfo cpu MHz"
+    return c_exe, tsc_hz, source
+
+
+def cpuinfo_field(name: str) -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpuinfo_mhz() -> float:
+    return float(cpuinfo_field("cpu MHz") or 0)
+
+
+def machine_info(tsc_hz: float, tsc_source: str) -> dict:
+    flags = (cpuinfo_field("flags") or "").split()
+    qemu = shutil.which("qemu-system-x86_64")
+    qemu_version = None
+    if qemu:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout
+        qemu_version = out.splitlines()[0] if out else None
+    return {
+        "cpu_model": cpuinfo_field("model name"),
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "nested": "hypervisor" in flags,
+        "tsc_hz": round(tsc_hz),
+        "tsc_source": tsc_source,
+        "python": platform.python_version(),
+        "uvloop": uvloop.__version__,
+        "qemu": qemu_version,
+        "default_handoff": DEFAULT_HANDOFF,
+        "loadavg_end": os.getloadavg(),
+    }
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def median_of(samples: list[dict], key: str) -> float | None:
+    values = [s[key] for s in samples if s.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(specs: list[Spec]) -> list[dict]:
+    c_us = {s.cpl: median_of(s.samples, "us") for s in specs if s.path == "c"}
+    rows = []
+    for spec in specs:
+        us = median_of(spec.samples, "us")
+        base = c_us.get(spec.cpl)
+        row = {
+            "path": spec.path, "label": spec.label, "loop": spec.loop, "cpl": spec.cpl, "vcpus": spec.vcpus,
+            "handoff": spec.handoff or (DEFAULT_HANDOFF if spec.kind == "vm" else None),
+            "n": spec.n, "runs": len(spec.samples),
+            "us_per_exit": round(us, 3) if us is not None else None,
+            "us_per_exit_min": round(min(s["us"] for s in spec.samples), 3) if spec.samples else None,
+            "ratio_to_c": round(us / base, 3) if us is not None and base else None,
+            "cpu_s_per_exit_us": None, "wall_s": None, "mode_split": None,
+        }
+        if spec.samples:
+            row["wall_s"] = round(median_of(spec.samples, "wall_s"), 4)
+            row["cpu_s_per_exit_us"] = round(statistics.median(s["cpu_s"] / s["exits"] * 1e6 for s in spec.samples), 3)
+            modes = [s["modes"] for s in spec.samples if s.get("modes")]
+            if modes:
+                row["mode_split"] = {k: round(statistics.median(m[k] for m in modes), 3) for k in modes[0]}
+        if spec.kind == "vm" and spec.samples:
+            # writes the device saw (all n unless a path lost some) and aiokvm's path counters, last run
+            row["delivered_writes"] = spec.samples[-1].get("delivered")
+            row["paths"] = spec.samples[-1].get("paths")
+        if spec.kind == "vm" and spec.samples:
+            # times the loop poller went to sleep (spin/wake); many means it lost the CPU race
+            row["loop_idle_sleeps"] = median_of(spec.samples, "idle_sleeps")
+        if spec.kind == "qemu" and spec.samples:
+            row["us_per_exit_process"] = round(median_of(spec.samples, "us_process"), 3)
+        if spec.unavailable:
+            row["unavailable"] = spec.unavailable
+        if spec.errors:
+            row["errors"] = sorted(set(spec.errors))
+        rows.append(row)
+    return rows
+
+
+def fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict], info: dict) -> None:
+    print(f"# {info['cpu_model']}, {info['cores']} CPUs, Linux {info['kernel']}"
+          f"{' (nested)' if info['nested'] else ''}, TSC {info['tsc_hz'] / 1e9:.3f} GHz, "
+          f"load {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}")
+    head = (f"{'path':<18}{'loop':<9}{'cpl':>3}{'vcpu':>5}{'n':>7}{'us/exit':>10}{'x c':>7}{'cpu us':>8}"
+            f"{'guest':>7}{'user':>6}{'kern':>6}{'wait':>6}  note")
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        split = row["mode_split"] or {}
+        note = ""
+        if "us_per_exit_process" in row:
+            note = f"process-minus-zero {fmt(row['us_per_exit_process'])} us/exit"
+        if row.get("unavailable"):
+            note = f"n/a: {row['unavailable']}"
+        elif row.get("errors"):
+            note = (note + "  " if note else "") + f"errors: {row['errors'][0][:60]}"
+        print(f"{row['label']:<18}{row['loop']:<9}{row['cpl']:>3}{row['vcpus']:>5}{row['n']:>7}"
+              f"{fmt(row['us_per_exit']):>10}{fmt(row['ratio_to_c']):>7}{fmt(row['cpu_s_per_exit_us']):>8}"
+              f"{fmt(split.get('guest')):>7}{fmt(split.get('user')):>6}{fmt(split.get('kernel')):>6}"
+              f"{fmt(split.get('wait')):>6}  {note}".rstrip())
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def selected(spec: Spec, only: set[str] | None) -> bool:
+    return only is None or spec.path == "c" or spec.path in only or spec.label in only
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, help="exits per run (20000; 5000 with --quick); "
+                        "futex/event/lock use n/4")
+    parser.add_argument("--repeat", type=int, help="interleaved rounds; medians are reported (5; 2 with --quick)")
+    parser.add_argument("--cpl", default="0,3", help="guest privilege levels, e.g. 0,3")
+    parser.add_argument("--quick", action="store_true", help="n=5000, repeat=2, no asyncio rows for slow handoffs")
+    parser.add_argument("--only", help="comma-separated paths or labels to run (c always runs, for the ratios)")
+    parser.add_argument("--json", dest="json_path")
+    args = parser.parse_args()
+    n = args.n or (5000 if args.quick else 20000)
+    repeat = args.repeat or (2 if args.quick else 5)
+    cpls = [int(x) for x in args.cpl.split(",") if x.strip()]
+    only = {x.strip() for x in args.only.split(",")} if args.only else None
+
+    specs = [s for s in build_specs(cpls, n, args.quick) if selected(s, only)]
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="aiokvm-exits-") as tmp:
+        c_exe, tsc_hz, tsc_source = build_tools(tmp)
+        if c_exe is None:
+            for spec in specs:
+                if spec.kind == "c":
+                    spec.unavailable = "could not build benchmarks/c/exitloop.c"
+        bench = Bench(tsc_hz, c_exe)
+        runnable = [s for s in specs if not s.unavailable]
+        try:
+            # Warm-up: imports, both loops, page cache for the ELF and the C binary.
+            for loop in ("uvloop", "asyncio"):
+                bench.measure(Spec("unclaimed", "warm-up", "vm", 0, 500, loop=loop))
+            started = time.perf_counter()
+            for round_no in range(repeat):
+                k = round_no % max(len(runnable), 1)
+                for spec in runnable[k:] + runnable[:k]:  # rotate: drift spreads over all rows
+                    try:
+                        spec.samples.append(bench.measure(spec))
+                    except Exception as exc:  # measured, not asserted: keep going
+                        spec.errors.append(f"{type(exc).__name__}: {exc}")
+                print(f"# round {round_no + 1}/{repeat} done, {time.perf_counter() - started:.0f} s",
+                      file=sys.stderr, flush=True)
+        finally:
+            bench.close()
+
+    info = machine_info(tsc_hz, tsc_source)
+    info["loadavg_start"] = load_start
+    rows = summarize(specs)
+    print_table(rows, info)
+    if args.json_path:
+        with open(args.json_path, "w") as fh:
+            json.dump({"benchmark": "exits", "guest": "exitloop", "n": n, "repeat": repeat,
+                       "machine": info, "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    asyncio.set_event_loop_policy(None)
+    main()
