@@ -147,8 +147,11 @@ class Bus:
         for callback in self._listeners:
             callback()
 
-    def fill_mmio_table(self, vcpu_ctx) -> None:
-        """Copy the MMIO map into a C vCPU context (``struct aiokvm_vcpu``)."""
+    def fill_tables(self, vcpu_ctx) -> None:
+        """Copy the MMIO map and region bases into a C vCPU context (``struct aiokvm_vcpu``)."""
+        for region in self.regions_by_id:
+            if region is not None:
+                vcpu_ctx.region_base[region.id] = region.base
         regions = self._regions[Space.MMIO]
         for i, region in enumerate(regions):
             slot = vcpu_ctx.mmio[i]

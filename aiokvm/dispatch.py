@@ -71,9 +71,9 @@ class Dispatcher:
         def on_loop(ctx) -> int:
             if self.pre_serve is not None:
                 self.pre_serve()
-            return handler(ctx)
+            return handler(ctx.packed, ctx)
 
-        def call(ctx, vcpu: int = 0) -> int:
+        def call(packed: int, ctx) -> int:
             # The C loop cannot time a Python-level wait, so it is timed here.
             start = perf_counter_ns()
             try:
@@ -85,39 +85,41 @@ class Dispatcher:
 
         return call
 
-    def inline_access(self, ctx) -> int:
-        """Handle the access the C loop returned with (vCPU thread); returns the read value."""
-        return self.vcpu_handlers[ctx.region](ctx)
 
     def serve_slot(self, ctx) -> None:
         """Loop side of the C handoffs: run a claimed access and complete the slot."""
         if self.pre_serve is not None:
             self.pre_serve()
         try:
-            value = self.loop_handlers[ctx.region](ctx)
+            value = self.loop_handlers[ctx.region](ctx.packed, ctx)
         except BaseException:
             lib.aiokvm_cancel(ctx)  # the vCPU gives up; the error stops the machine
             raise
         lib.aiokvm_complete(ctx, value)
 
 
-def _gone(ctx) -> int:
+def _gone(packed: int, ctx) -> int:
     # The region was unregistered while an access to it was in flight.
-    return MASKS[ctx.size] if not ctx.kind & 1 else 0
+    return MASKS[(packed >> 6) & 15] if packed & 0x30 == 0 else 0
 
 
 def _direct_handler(region: Region):
-    """A closure calling ``region``'s device for the access described by a C context."""
-    read, write, base = region.device.read, region.device.write, region.base
+    """A closure calling ``region``'s device for an access from the C loop.
 
-    def access(ctx) -> int:
+    ``packed`` is the access as the C loop packs it (see _vcpu_loop.h): op in
+    bits 4-5, size in 6-9, offset from bit 20; a write's value is ``ctx.value``.
+    """
+    read, write = region.device.read, region.device.write
+
+    def access(packed: int, ctx) -> int:
+        op = packed & 0x30
         try:
-            if ctx.simple:
-                if ctx.kind & 1:  # IO_OUT / MMIO_WRITE
-                    write(ctx.addr - base, ctx.size, ctx.value)
-                    return 0
-                size = ctx.size
-                return read(ctx.addr - base, size) & MASKS[size]
+            if op == 0x10:  # one-element write
+                write(packed >> 20, (packed >> 6) & 15, ctx.value)
+                return 0
+            if op == 0:  # one-element read
+                size = (packed >> 6) & 15
+                return read(packed >> 20, size) & MASKS[size]
         except DeviceError:
             raise
         except Exception as exc:

@@ -449,7 +449,7 @@ class Machine:
     def _refresh_tables(self) -> None:
         # The port table is shared by pointer; the MMIO list is copied per vCPU.
         for thread in self._threads:
-            self.bus.fill_mmio_table(thread.ctx)
+            self.bus.fill_tables(thread.ctx)
 
     def _on_loop_error(self, error: BaseException) -> None:
         if not isinstance(error, AiokvmError):

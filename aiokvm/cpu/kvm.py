@@ -135,7 +135,7 @@ class VcpuThread:
         ctx.mech = lib.AIOKVM_MECH_PYTHON
         ctx.spin_ns = int(spin_us * 1000)
         ctx.sample_every = max(1, sample_every)
-        dispatcher.bus.fill_mmio_table(ctx)
+        dispatcher.bus.fill_tables(ctx)
         self._on_exit = on_exit
         self._on_stop = on_stop
         self._context = context or {}
@@ -223,9 +223,9 @@ class VcpuThread:
         while True:
             rc = run(ctx, in_value)
             in_value = 0
-            if rc == RC_PYTHON:
+            if rc & 15 == RC_PYTHON and rc > 0:  # packed access (see _vcpu_loop.h)
                 try:
-                    in_value = handlers[ctx.region](ctx)
+                    in_value = handlers[(rc >> 10) & 1023](rc, ctx)
                 except HandoffCancelled:
                     return
             elif rc == RC_INTR:

@@ -3,7 +3,7 @@
 Struct layouts and ioctl numbers are declared partially (``...``) so the C
 compiler fills them in from ``<linux/kvm.h>``: nothing here hard-codes an
 ioctl number or an offset.  Built by setup.py (``cffi_modules``); for a source
-checkout, ``python -m aiokvm.kvm._build`` builds it in place.
+checkout, ``python aiokvm/kvm/_build.py`` builds it in place.
 """
 
 from __future__ import annotations
@@ -184,6 +184,9 @@ struct kvm_run {
 #define AIOKVM_INLINE ...
 #define AIOKVM_LOOP ...
 #define AIOKVM_RC_PYTHON ...
+#define AIOKVM_OP_READ ...
+#define AIOKVM_OP_WRITE ...
+#define AIOKVM_OP_STRING ...
 #define AIOKVM_RC_OTHER ...
 #define AIOKVM_RC_INTR ...
 #define AIOKVM_RC_CANCELLED ...
@@ -213,10 +216,10 @@ struct aiokvm_hub {
 struct aiokvm_vcpu {
     int32_t fd; uint32_t index; struct kvm_run *run; struct aiokvm_hub *hub;
     uint16_t *pio_table; uint64_t *pio_counts;
-    uint32_t n_mmio; uint32_t mech; struct aiokvm_mmio_region mmio[64];
+    uint32_t n_mmio; uint32_t mech; struct aiokvm_mmio_region mmio[64]; uint64_t region_base[1024];
     uint64_t spin_ns; uint32_t stop;
     uint32_t kind; uint32_t region; uint32_t size; uint32_t count; uint32_t simple;
-    uint64_t addr; uint64_t value;
+    uint64_t addr; uint64_t value; int64_t packed;
     uint32_t slot; uint32_t waiting; uint32_t pending_in;
     uint64_t exits, io_exits, mmio_exits, other_exits, intr_exits, string_io_elements;
     uint64_t unclaimed_pio_reads, unclaimed_pio_writes, unclaimed_mmio_reads, unclaimed_mmio_writes;

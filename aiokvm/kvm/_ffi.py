@@ -11,7 +11,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ConfigError(
         "aiokvm's KVM binding is not built: reinstall with `pip install .` "
-        "(gcc and linux headers needed), or run `python -m aiokvm.kvm._build` in a source tree"
+        "(gcc and linux headers needed), or run `python aiokvm/kvm/_build.py` in a source tree"
     ) from exc
 
 __all__ = ["ffi", "lib", "check", "ioctl", "ioctl_int"]

@@ -43,11 +43,19 @@
 #define AIOKVM_INLINE 1
 #define AIOKVM_LOOP 2
 
-/* Return codes of aiokvm_vcpu_run (negative: -errno). */
-#define AIOKVM_RC_PYTHON 1    /* an access for a Python handler: see kind/region/... */
+/* Return codes of aiokvm_vcpu_run (negative: -errno).  AIOKVM_RC_PYTHON comes
+ * packed with the access, so Python needs no field reads to dispatch it:
+ *   bits 0-3 code, 4-5 op (AIOKVM_OP_*), 6-9 size, 10-19 region id,
+ *   20-62 offset within the region.  The same word is in v->packed. */
+#define AIOKVM_RC_PYTHON 1    /* an access for a Python handler */
 #define AIOKVM_RC_OTHER 2     /* a non-I/O exit: decode kvm_run */
 #define AIOKVM_RC_INTR 3      /* kicked (stop flag or EINTR) */
 #define AIOKVM_RC_CANCELLED 4 /* a loop-hosted access was cancelled (machine stopping) */
+
+/* Packed ops. */
+#define AIOKVM_OP_READ 0   /* one element of at most 8 bytes: return the value */
+#define AIOKVM_OP_WRITE 1  /* one element: v->value holds it */
+#define AIOKVM_OP_STRING 2 /* string I/O: decode kvm_run */
 
 /* Access kinds. */
 #define AIOKVM_IO_IN 0
@@ -100,6 +108,7 @@ struct aiokvm_vcpu {
     uint32_t n_mmio;
     uint32_t mech;
     struct aiokvm_mmio_region mmio[AIOKVM_MAX_MMIO_REGIONS];
+    uint64_t region_base[AIOKVM_MAX_REGIONS]; /* for offsets in the packed word */
     uint64_t spin_ns;
     uint32_t stop; /* atomic: return AIOKVM_RC_INTR as soon as possible */
 
@@ -111,6 +120,7 @@ struct aiokvm_vcpu {
     uint32_t simple; /* one element of at most 8 bytes: value holds/takes it */
     uint64_t addr;
     uint64_t value;
+    int64_t packed; /* the access, packed as in AIOKVM_RC_PYTHON */
 
     uint32_t slot;    /* atomic: AIOKVM_SLOT_* */
     uint32_t waiting; /* atomic: this thread sleeps on the slot futex */
@@ -393,8 +403,17 @@ static int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v, uint64_t in_value)
             return AIOKVM_RC_OTHER;
         }
         v->region = entry >> 2;
-        if (v->region < AIOKVM_MAX_REGIONS)
-            v->region_hits[v->region]++;
+        if (v->region >= AIOKVM_MAX_REGIONS)
+            v->region = 0; /* cannot happen: ids are checked when tables are built */
+        v->region_hits[v->region]++;
+        {
+            uint64_t op = !v->simple ? AIOKVM_OP_STRING
+                          : (v->kind == AIOKVM_IO_OUT || v->kind == AIOKVM_MMIO_WRITE) ? AIOKVM_OP_WRITE
+                                                                                       : AIOKVM_OP_READ;
+            uint64_t offset = (v->addr - v->region_base[v->region]) & ((1ull << 43) - 1);
+            v->packed = (int64_t)(AIOKVM_RC_PYTHON | op << 4 | (uint64_t)v->size << 6 |
+                                  (uint64_t)v->region << 10 | offset << 20);
+        }
         if ((entry & 3) == AIOKVM_LOOP && v->mech != AIOKVM_MECH_PYTHON) {
             int r = aiokvm_post_and_wait(v);
             if (r) {
@@ -411,7 +430,7 @@ static int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v, uint64_t in_value)
         v->to_python++;
         v->pending_in = v->simple && (v->kind == AIOKVM_IO_IN || v->kind == AIOKVM_MMIO_READ);
         v->t_return = aiokvm_now_ns();
-        return AIOKVM_RC_PYTHON;
+        return v->packed;
     }
 }
 
