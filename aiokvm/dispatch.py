@@ -1,18 +1,19 @@
 """How an access reaches its device handler.
 
 The C vCPU loop (``aiokvm/kvm/_vcpu_loop.h``) finishes unclaimed accesses
-itself and describes every other one in its ``struct aiokvm_vcpu``
-(kind, region id, address, size, count, value).  The ``Dispatcher`` turns
-that into a device call:
+itself and packs every other one into a word (op, size, region id, offset;
+``ctx.packed``, and the return value of ``aiokvm_vcpu_run``).  The
+``Dispatcher`` keeps one closure per region that turns it into a device
+call:
 
-- ``inline_access(ctx)`` in the vCPU thread, for inline regions (and for
-  loop-hosted ones under a Python-level handoff, which it hands off);
-- ``serve_slot(ctx)`` on the asyncio loop, for loop-hosted accesses posted
-  by the C loop (``spin`` / ``wake`` / ``futex`` handoffs).
+- ``vcpu_handlers[id](packed, ctx)`` in the vCPU thread, for inline regions
+  (and loop-hosted ones under a Python-level handoff, which it hands off);
+- ``loop_handlers[id](packed, ctx)`` on the asyncio loop, for loop-hosted
+  accesses posted by the C loop (``SlotServer`` in handoff.py).
 
-A *simple* access (one element of at most 8 bytes) travels as an integer.
-String I/O (``rep ins/outs``, ``count > 1``) is decoded from ``kvm_run`` and
-dispatched element by element within the one exit (``dispatch_io``).
+A one-element access (at most 8 bytes) travels as integers.  String I/O
+(``rep ins/outs``, ``count > 1``) is decoded from ``kvm_run`` and dispatched
+element by element within the one exit (``perform_io``).
 """
 
 from __future__ import annotations
@@ -84,18 +85,6 @@ class Dispatcher:
                 ctx.sleep_wait_ns += waited
 
         return call
-
-
-    def serve_slot(self, ctx) -> None:
-        """Loop side of the C handoffs: run a claimed access and complete the slot."""
-        if self.pre_serve is not None:
-            self.pre_serve()
-        try:
-            value = self.loop_handlers[ctx.region](ctx.packed, ctx)
-        except BaseException:
-            lib.aiokvm_cancel(ctx)  # the vCPU gives up; the error stops the machine
-            raise
-        lib.aiokvm_complete(ctx, value)
 
 
 def _gone(packed: int, ctx) -> int:

@@ -132,16 +132,22 @@ class LockHandoff(EventHandoff):
 class SlotServer:
     """Serves the vCPU slots of one machine on the asyncio loop.
 
-    ``serve(vcpu_ctx)`` must run the posted access and call
-    ``lib.aiokvm_complete``; it is given by the machine (it knows the bus).
+    ``dispatcher`` provides ``loop_handlers`` (per region id, called as
+    ``handler(packed, ctx)``) and ``pre_serve`` (run before each access, to
+    drain the coalesced ring).  Each loop-hosted exit costs one C call here:
+    ``aiokvm_hub_next`` completes the previous access and claims the next.
     """
+
+    #: longest spin per C call without the GIL, and accesses served per loop turn
+    SPIN_NS = 20_000
+    BURST = 64
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         mech: str,
         vcpu_ctxs: list,
-        serve: Callable[[Any], None],
+        dispatcher,
         *,
         on_error: Callable[[BaseException], None],
         poll_window_us: float = 500.0,
@@ -152,7 +158,8 @@ class SlotServer:
         self.name = mech
         self._loop = loop
         self._mech = C_MECHANISMS[mech]
-        self._serve = serve
+        self._dispatcher = dispatcher
+        self._handlers = dispatcher.loop_handlers  # rebuilt in place on bus changes
         self._on_error = on_error
         self._ctxs = vcpu_ctxs
         self._poll_window = poll_window_us / 1e6
@@ -172,10 +179,9 @@ class SlotServer:
         self._task: asyncio.Task | None = None
         self._sleeper: asyncio.Future | None = None
         self._closed = False
-        #: loop wakeups through the eventfd, and polling passes with work
+        #: loop wakeups through the eventfd, accesses served, and idle sleeps
         self.wakeups = 0
-        self.busy_polls = 0
-        self._seen_polls = 0
+        self.served = 0
         self.idle_sleeps = 0
 
     def start(self) -> None:
@@ -190,61 +196,58 @@ class SlotServer:
             return
         self.wakeups += 1
         if self._mech == lib.AIOKVM_MECH_FUTEX:
-            self._serve_mask(lib.aiokvm_hub_wait(self.hub, 0))
+            self._serve_burst(0, 1 << 30)
         elif self._sleeper is not None and not self._sleeper.done():
             self._sleeper.set_result(None)
 
-    #: longest spin per poll call without the GIL, and polls per loop turn
-    SPIN_NS = 20_000
-    BURST = 64
-
-    def _serve_mask(self, mask: int) -> None:
-        ctxs, serve = self._ctxs, self._serve
-        while mask:
-            low = mask & -mask
+    def _serve_burst(self, spin_ns: int, limit: int) -> int:
+        """Serve posted accesses until none comes within ``spin_ns`` (or ``limit``)."""
+        nxt, handlers, ctxs, dispatcher = lib.aiokvm_hub_next, self._handlers, self._ctxs, self._dispatcher
+        hub = self.hub
+        done, value, served = ffi.NULL, 0, 0
+        while served < limit:
+            index = nxt(hub, done, value, spin_ns)
+            done = ffi.NULL
+            if index < 0:
+                break
+            ctx = ctxs[index]
             try:
-                serve(ctxs[low.bit_length() - 1])
+                if dispatcher.pre_serve is not None:
+                    dispatcher.pre_serve()
+                packed = ctx.packed
+                value = handlers[(packed >> 10) & 1023](packed, ctx)
             except BaseException as exc:  # a device failed: the machine stops
+                lib.aiokvm_cancel(ctx)
                 self._on_error(exc)
-            mask ^= low
+                continue
+            done = ctx
+            served += 1
+        if done != ffi.NULL:
+            lib.aiokvm_complete(done, value)
+        self.served += served
+        return served
 
     async def _poll(self) -> None:
         """Adaptive polling: spin in C while exits keep coming, sleep when idle.
 
-        ``aiokvm_hub_wait`` spins without the GIL for up to ``SPIN_NS`` and
-        claims whatever was posted.  After ``BURST`` consecutive batches the
-        poller yields to the loop so other tasks keep running; after
-        ``poll_window`` without work it clears the polling flag and sleeps on
-        the eventfd (a vCPU that posts then writes it).
+        ``aiokvm_hub_next`` spins without the GIL for up to ``SPIN_NS`` per
+        call.  After ``BURST`` accesses the poller yields to the loop so other
+        tasks keep running; after ``poll_window`` without work it clears the
+        polling flag and sleeps on the eventfd (a vCPU that posts then
+        writes it).
         """
-        hub, wait = self.hub, lib.aiokvm_hub_wait
-        set_polling = lib.aiokvm_hub_set_polling
+        hub, set_polling = self.hub, lib.aiokvm_hub_set_polling
         monotonic = time.monotonic
-        serve_mask = self._serve_mask
-        window = self._poll_window
-        spin_ns = self.SPIN_NS
+        window, spin_ns, burst = self._poll_window, self.SPIN_NS, self.BURST
         set_polling(hub, 1)
         last_busy = monotonic()
         while not self._closed:
-            for _ in range(self.BURST):
-                mask = wait(hub, spin_ns)
-                if not mask:
-                    break
-                serve_mask(mask)
-                self.busy_polls += 1
-            else:
+            if self._serve_burst(spin_ns, burst):
                 last_busy = monotonic()
-                await asyncio.sleep(0)
-                continue
-            now = monotonic()
-            if self.busy_polls != self._seen_polls:
-                self._seen_polls = self.busy_polls
-                last_busy = now
-            elif now - last_busy > window:
+            elif monotonic() - last_busy > window:
                 # Nothing for a while: stop burning CPU.  Clearing the flag
                 # returns what was posted in between (then do not sleep).
-                mask = set_polling(hub, 0)
-                if not mask:
+                if not set_polling(hub, 0):
                     self.idle_sleeps += 1
                     self._sleeper = self._loop.create_future()
                     try:

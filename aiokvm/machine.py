@@ -346,7 +346,7 @@ class Machine:
         ]
         if self.handoff_name in C_MECHANISMS:
             self._slot_server = SlotServer(
-                self._loop, self.handoff_name, [t.ctx for t in self._threads], self.dispatcher.serve_slot,
+                self._loop, self.handoff_name, [t.ctx for t in self._threads], self.dispatcher,
                 on_error=self._on_loop_error, poll_window_us=self._poll_window_us,
             )
             self._slot_server.start()
@@ -580,7 +580,7 @@ class Machine:
                 "coalesced": {"entries": self._coalesced.entries if self._coalesced else 0,
                               "by_region": dict(self._coalesced_counts)},
             },
-            "loop": {"wakeups": server.wakeups, "busy_polls": server.busy_polls,
+            "loop": {"wakeups": server.wakeups, "served": server.served,
                      "idle_sleeps": server.idle_sleeps} if server is not None else {},
         }
 

@@ -210,7 +210,7 @@ struct aiokvm_sample {
 };
 struct aiokvm_vcpu;
 struct aiokvm_hub {
-    uint32_t polling; int32_t wake_fd; uint32_t nvcpus; uint32_t spin_yield;
+    uint32_t polling; int32_t wake_fd; uint32_t nvcpus; uint32_t spin_yield; uint32_t next_scan;
     struct aiokvm_vcpu *vcpus[64]; ...;
 };
 struct aiokvm_vcpu {
@@ -233,6 +233,7 @@ struct aiokvm_vcpu {
 int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v, uint64_t in_value);
 uint64_t aiokvm_hub_poll(struct aiokvm_hub *hub);
 uint64_t aiokvm_hub_wait(struct aiokvm_hub *hub, uint64_t max_ns);
+int32_t aiokvm_hub_next(struct aiokvm_hub *hub, struct aiokvm_vcpu *done, uint64_t value, uint64_t max_ns);
 uint64_t aiokvm_hub_set_polling(struct aiokvm_hub *hub, uint32_t on);
 void aiokvm_take(struct aiokvm_vcpu *v);
 void aiokvm_complete(struct aiokvm_vcpu *v, uint64_t value);

@@ -95,6 +95,7 @@ struct aiokvm_hub {
     int32_t wake_fd;  /* eventfd the loop sleeps on */
     uint32_t nvcpus;
     uint32_t spin_yield; /* spin with sched_yield(): more busy threads than cores */
+    uint32_t next_scan;  /* aiokvm_hub_next's round-robin position */
     struct aiokvm_vcpu *vcpus[AIOKVM_HUB_MAX_VCPUS];
 };
 
@@ -509,6 +510,39 @@ static void aiokvm_complete(struct aiokvm_vcpu *v, uint64_t value)
     v->t_end = aiokvm_now_ns();
     __atomic_store_n(&v->slot, AIOKVM_SLOT_DONE, __ATOMIC_SEQ_CST);
     aiokvm_wake_vcpu(v);
+}
+
+/* Complete `done` (if not NULL) with `value`, then wait like aiokvm_hub_wait
+ * for the next posted access and claim it; returns its vCPU index, or -1
+ * after max_ns without one.  One call per loop-hosted exit on the loop side. */
+static int32_t aiokvm_hub_next(struct aiokvm_hub *hub, struct aiokvm_vcpu *done, uint64_t value, uint64_t max_ns)
+{
+    if (done)
+        aiokvm_complete(done, value);
+    uint64_t deadline = 0;
+    unsigned n = 0;
+    uint32_t start = hub->next_scan;
+    for (;;) {
+        /* Round-robin from where the last scan stopped: no vCPU starves. */
+        for (uint32_t k = 0; k < hub->nvcpus; k++) {
+            uint32_t i = (start + k) % hub->nvcpus;
+            struct aiokvm_vcpu *v = hub->vcpus[i];
+            if (v && __atomic_load_n(&v->slot, __ATOMIC_ACQUIRE) == AIOKVM_SLOT_POSTED) {
+                v->t_start = aiokvm_now_ns();
+                __atomic_store_n(&v->slot, AIOKVM_SLOT_TAKEN, __ATOMIC_RELAXED);
+                hub->next_scan = i + 1;
+                return (int32_t)i;
+            }
+        }
+        if ((n++ & 31) == 0) {
+            uint64_t now = aiokvm_now_ns();
+            if (!deadline)
+                deadline = now + max_ns;
+            else if (now >= deadline)
+                return -1;
+        }
+        aiokvm_spin_relax(hub);
+    }
 }
 
 /* Cancel any posted or taken access (machine stopping). */
