@@ -377,6 +377,9 @@ def median_of(samples: list[dict], key: str) -> float | None:
 
 def summarize(specs: list[Spec]) -> list[dict]:
     c_us = {s.cpl: median_of(s.samples, "us") for s in specs if s.path == "c"}
+    # Best-of-runs: on a shared, nested host noise only ever adds time, so the
+    # minimum estimates the intrinsic cost; both are reported.
+    c_min = {s.cpl: min((x["us"] for x in s.samples), default=None) for s in specs if s.path == "c"}
     rows = []
     for spec in specs:
         us = median_of(spec.samples, "us")
@@ -388,6 +391,8 @@ def summarize(specs: list[Spec]) -> list[dict]:
             "us_per_exit": round(us, 3) if us is not None else None,
             "us_per_exit_min": round(min(s["us"] for s in spec.samples), 3) if spec.samples else None,
             "ratio_to_c": round(us / base, 3) if us is not None and base else None,
+            "ratio_to_c_min": (round(min(x["us"] for x in spec.samples) / c_min[spec.cpl], 3)
+                               if spec.samples and c_min.get(spec.cpl) else None),
             "cpu_s_per_exit_us": None, "wall_s": None, "mode_split": None,
         }
         if spec.samples:
@@ -421,7 +426,7 @@ def print_table(rows: list[dict], info: dict) -> None:
     print(f"# {info['cpu_model']}, {info['cores']} CPUs, Linux {info['kernel']}"
           f"{' (nested)' if info['nested'] else ''}, TSC {info['tsc_hz'] / 1e9:.3f} GHz, "
           f"load {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}")
-    head = (f"{'path':<18}{'loop':<9}{'cpl':>3}{'vcpu':>5}{'n':>7}{'us/exit':>10}{'x c':>7}{'cpu us':>8}"
+    head = (f"{'path':<18}{'loop':<9}{'cpl':>3}{'vcpu':>5}{'n':>7}{'us/exit':>10}{'x c':>7}{'best':>6}{'cpu us':>8}"
             f"{'guest':>7}{'user':>6}{'kern':>6}{'wait':>6}  note")
     print(head)
     print("-" * len(head))
@@ -435,7 +440,8 @@ def print_table(rows: list[dict], info: dict) -> None:
         elif row.get("errors"):
             note = (note + "  " if note else "") + f"errors: {row['errors'][0][:60]}"
         print(f"{row['label']:<18}{row['loop']:<9}{row['cpl']:>3}{row['vcpus']:>5}{row['n']:>7}"
-              f"{fmt(row['us_per_exit']):>10}{fmt(row['ratio_to_c']):>7}{fmt(row['cpu_s_per_exit_us']):>8}"
+              f"{fmt(row['us_per_exit']):>10}{fmt(row['ratio_to_c']):>7}{fmt(row['ratio_to_c_min']):>6}"
+              f"{fmt(row['cpu_s_per_exit_us']):>8}"
               f"{fmt(split.get('guest')):>7}{fmt(split.get('user')):>6}{fmt(split.get('kernel')):>6}"
               f"{fmt(split.get('wait')):>6}  {note}".rstrip())
 

@@ -232,10 +232,8 @@ struct aiokvm_vcpu {
 };
 int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v, uint64_t in_value);
 uint64_t aiokvm_hub_poll(struct aiokvm_hub *hub);
-uint64_t aiokvm_hub_wait(struct aiokvm_hub *hub, uint64_t max_ns);
 int32_t aiokvm_hub_next(struct aiokvm_hub *hub, struct aiokvm_vcpu *done, uint64_t value, uint64_t max_ns);
 uint64_t aiokvm_hub_set_polling(struct aiokvm_hub *hub, uint32_t on);
-void aiokvm_take(struct aiokvm_vcpu *v);
 void aiokvm_complete(struct aiokvm_vcpu *v, uint64_t value);
 void aiokvm_cancel(struct aiokvm_vcpu *v);
 uint32_t aiokvm_drain_samples(struct aiokvm_vcpu *v, struct aiokvm_sample *out, uint32_t max);

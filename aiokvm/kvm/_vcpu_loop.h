@@ -457,44 +457,6 @@ static uint64_t aiokvm_hub_set_polling(struct aiokvm_hub *hub, uint32_t on)
     return on ? 0 : aiokvm_hub_poll(hub);
 }
 
-/* Spin (up to max_ns, GIL released by cffi) until some vCPU posts; claim
- * every posted slot (TAKEN, handler start time) and return their bitmask.
- * Returns 0 after max_ns without work. */
-static uint64_t aiokvm_hub_wait(struct aiokvm_hub *hub, uint64_t max_ns)
-{
-    uint64_t deadline = 0;
-    unsigned n = 0;
-    for (;;) {
-        uint64_t mask = aiokvm_hub_poll(hub);
-        if (mask) {
-            uint64_t now = aiokvm_now_ns();
-            for (uint32_t i = 0; i < hub->nvcpus; i++) {
-                if (mask & (1ull << i)) {
-                    struct aiokvm_vcpu *v = hub->vcpus[i];
-                    v->t_start = now;
-                    __atomic_store_n(&v->slot, AIOKVM_SLOT_TAKEN, __ATOMIC_RELAXED);
-                }
-            }
-            return mask;
-        }
-        if ((n++ & 31) == 0) {
-            uint64_t now = aiokvm_now_ns();
-            if (!deadline)
-                deadline = now + max_ns;
-            else if (now >= deadline)
-                return 0;
-        }
-        aiokvm_spin_relax(hub);
-    }
-}
-
-/* Claim a posted access (loop thread). */
-static void aiokvm_take(struct aiokvm_vcpu *v)
-{
-    v->t_start = aiokvm_now_ns();
-    __atomic_store_n(&v->slot, AIOKVM_SLOT_TAKEN, __ATOMIC_RELAXED);
-}
-
 static void aiokvm_wake_vcpu(struct aiokvm_vcpu *v)
 {
     if (__atomic_load_n(&v->waiting, __ATOMIC_SEQ_CST))
@@ -512,9 +474,10 @@ static void aiokvm_complete(struct aiokvm_vcpu *v, uint64_t value)
     aiokvm_wake_vcpu(v);
 }
 
-/* Complete `done` (if not NULL) with `value`, then wait like aiokvm_hub_wait
- * for the next posted access and claim it; returns its vCPU index, or -1
- * after max_ns without one.  One call per loop-hosted exit on the loop side. */
+/* Complete `done` (if not NULL) with `value`, then spin (up to max_ns; cffi
+ * releases the GIL) for the next posted access and claim it.  Returns its
+ * vCPU index, or -1 after max_ns without one.  The loop side makes one such
+ * call per loop-hosted exit. */
 static int32_t aiokvm_hub_next(struct aiokvm_hub *hub, struct aiokvm_vcpu *done, uint64_t value, uint64_t max_ns)
 {
     if (done)
