@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", "-m", default="64M", help="guest RAM, e.g. 64M or 1G (default 64M)")
     run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--cmdline", default="", help="guest command line")
+    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,format=raw|nbd][,if=virtio|ata]",
+                     help="attach a disk (repeatable); nbd takes nbd+unix:///EXPORT?socket=PATH or "
+                          "nbd://127.0.0.1:PORT/EXPORT")
+    run.add_argument("--no-ioeventfd", action="store_true",
+                     help="virtio QueueNotify as a plain exit (for measurement)")
     run.add_argument("--timeout", type=float, default=None, help="stop the guest after S seconds (exit 124)")
     run.add_argument("--handoff", default=None,
                      help="vCPU-to-loop handoff: spin (default), wake, futex, event or lock")
@@ -86,6 +91,8 @@ async def _run(args) -> int:
     vm = Machine(memory=args.memory, vcpus=args.vcpus, handoff=args.handoff or DEFAULT_HANDOFF,
                  serial_output=out)
     async with vm:
+        for disk in args.disk:
+            await vm.add_disk(disk, ioeventfd=not args.no_ioeventfd)
         vm.load(args.guest, cmdline=args.cmdline)
         try:
             status = await vm.run(timeout=args.timeout)

@@ -144,9 +144,23 @@ def _device_failure(region: Region, what: str, exc: Exception) -> DeviceError:
 
 
 def perform_io(region: Region, exit: IoExit) -> bytes:
-    """Perform a port access element by element; returns the bytes read (IN) or b"" (OUT)."""
+    """Perform a port access element by element; returns the bytes read (IN) or b"" (OUT).
+
+    A device may take a whole string at once by defining
+    ``read_string(offset, size, count) -> bytes`` / ``write_string(offset,
+    size, data)`` (e.g. an ATA data port under ``rep insw``).
+    """
     device, size, offset = region.device, exit.size, exit.port - region.base
     try:
+        if exit.count > 1:
+            bulk = getattr(device, "write_string" if exit.direction is Direction.OUT else "read_string", None)
+            if bulk is not None:
+                if exit.direction is Direction.OUT:
+                    bulk(offset, size, exit.data)
+                    return b""
+                data = bytes(bulk(offset, size, exit.count))
+                want = size * exit.count
+                return data[:want].ljust(want, b"\xff")
         if exit.direction is Direction.OUT:
             data = exit.data
             if exit.count == 1:

@@ -160,6 +160,8 @@ class Machine:
         self._coalesced_regions: list[Region] = []
         self._coalesced_counts: dict[str, int] = {}
         self._coalesced_handle: asyncio.TimerHandle | None = None
+        self._virtio: list = []       # (slot, MmioTransport)
+        self._disks: list = []        # (device, backend)
         self.bus = Bus()
         python_handoff = {"event": EventHandoff, "lock": LockHandoff}.get(self.handoff_name)
         self.python_handoff = python_handoff(self._loop, self.vcpu_count) if python_handoff else None
@@ -182,6 +184,12 @@ class Machine:
         if self._threads:
             self._request_stop()
             await self._join_vcpus()
+        for device, backend in getattr(self, "_disks", []):
+            drain = getattr(device, "drain", None)
+            if drain is not None:
+                await drain()  # requests in flight finish before the backend goes
+            await backend.close()
+        self._disks = []
         self._release()
 
     def _release(self) -> None:
@@ -289,6 +297,85 @@ class Machine:
         except Exception as exc:
             self._on_loop_error(exc)
 
+    # -- virtio and disks -------------------------------------------------------------------
+    def add_virtio(self, device, *, ioeventfd: bool = True, name: str | None = None):
+        """Attach a virtio device on the next virtio-mmio slot, as QEMU microvm does.
+
+        Slots fill from the top (7 down to 0): transport ``i`` at
+        ``0xfeb00000 + 512*i`` with IRQ ``5 + i``; ``load()`` then appends
+        ``virtio_mmio.device=512@0x...:IRQ`` to the command line.  QueueNotify
+        goes through an ioeventfd unless ``ioeventfd=False`` (a plain exit,
+        for measurement); interrupts go through an irqfd.
+        """
+        from .devices.virtio.mmio import MMIO_BASE, MMIO_FIRST_IRQ, MMIO_SIZE, MMIO_SLOTS, QUEUE_NOTIFY, MmioTransport
+
+        self._require_open()
+        if self._loaded is not None:
+            raise ConfigError("add virtio devices before load(): the command line announces them")
+        used = {slot for slot, _ in self._virtio}
+        free = [slot for slot in range(MMIO_SLOTS - 1, -1, -1) if slot not in used]
+        if not free:
+            raise ConfigError(f"all {MMIO_SLOTS} virtio-mmio slots are taken")
+        slot = free[0]
+        base, irq = MMIO_BASE + MMIO_SIZE * slot, MMIO_FIRST_IRQ + slot
+        line = self.irqfd(irq)
+        transport = MmioTransport(device, self.memory, line.trigger)
+        queues = range(len(device.queue_max_sizes))
+        notify = [IoEvent(QUEUE_NOTIFY, 4, datamatch=q) for q in queues] if ioeventfd else []
+        self.add_device(transport, mmio=(base, MMIO_SIZE), name=name or f"virtio{slot}", ioeventfds=notify)
+        self._virtio.append((slot, transport))
+        return transport
+
+    async def add_disk(self, disk, *, interface: str | None = None, read_only: bool | None = None,
+                       ioeventfd: bool = True):
+        """Attach a disk: a ``BlockBackend``, or a CLI-style spec
+        ``PATH[,ro][,format=raw|nbd][,if=virtio|ata]`` (NBD: a URL).
+
+        Returns the device (``VirtioBlk`` or ``AtaDisk``).  The machine closes
+        the backend when it closes.
+        """
+        from .devices.backends.spec import open_backend, parse_disk_spec
+
+        self._require_open()
+        if isinstance(disk, str):
+            spec = parse_disk_spec(disk)
+            if read_only is not None and read_only != spec.read_only:
+                spec = type(spec)(**{**spec.__dict__, "read_only": read_only})
+            backend = await open_backend(spec)
+            interface = interface or spec.interface
+        else:
+            backend = disk
+            interface = interface or "virtio"
+        try:
+            device = self._attach_disk(backend, interface, ioeventfd)
+        except BaseException:
+            await backend.close()
+            raise
+        self._disks.append((device, backend))
+        return device
+
+    def _attach_disk(self, backend, interface: str, ioeventfd: bool):
+        if interface == "virtio":
+            from .devices.virtio.blk import VirtioBlk
+
+            device = VirtioBlk(backend)
+            self.add_virtio(device, ioeventfd=ioeventfd)
+            return device
+        if interface == "ata":
+            from .devices.ata import ATA_BASE, ATA_CTRL, ATA_IRQ, AtaDisk
+
+            if any(type(d).__name__ == "AtaDisk" for d, _ in self._disks):
+                raise ConfigError("only one ATA disk (the primary master) is supported")
+            device = AtaDisk(backend, irq=lambda level: self.irq_line(ATA_IRQ, level))
+            region = self.add_device(device, pio=(ATA_BASE, 8), name="ata0")
+            try:
+                self.add_device(device.control_port(), pio=(ATA_CTRL, 1), name="ata0-ctrl")
+            except BaseException:
+                self.bus.unregister(region)
+                raise
+            return device
+        raise ConfigError(f"unknown disk interface {interface!r}: use virtio or ata")
+
     def irqfd(self, gsi: int, *, resample: bool = False, on_resample=None) -> IrqFd:
         """An interrupt line the loop raises by writing an eventfd (no vCPU kick).
 
@@ -316,6 +403,12 @@ class Machine:
         if self.vcpu_count > 1 and "cpus=" not in cmdline.split("#")[0]:
             # Boot convention of the guest kit: the vCPU count on the cmdline.
             cmdline = f"{cmdline} cpus={self.vcpu_count}".strip()
+        from .devices.virtio.mmio import MMIO_BASE, MMIO_FIRST_IRQ, MMIO_SIZE
+
+        for slot, _ in sorted(self._virtio, reverse=True):
+            # What QEMU's auto-kernel-cmdline adds for each virtio-mmio device.
+            cmdline += f" virtio_mmio.device={MMIO_SIZE}@{MMIO_BASE + MMIO_SIZE * slot:#x}:{MMIO_FIRST_IRQ + slot}"
+        cmdline = cmdline.strip()
         start_info = boot.write_start_info(self.memory, cmdline)
         boot.pvh_initial_state(self.vcpus[0], image.entry32, start_info)
         self.cmdline = cmdline

@@ -1,0 +1,314 @@
+"""virtio-blk: the request parser (pure) and the device (asyncio, over a BlockBackend).
+
+Requests: IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES.  Several requests
+are in flight at once (one task each) and complete in whatever order the
+backend finishes them; each completion writes the status byte, pushes the
+used element and interrupts the driver if the ring's notification rules say
+so.
+
+Threat model: the guest controls every descriptor and header.  Buffers are
+validated by ``SplitQueue.pop`` (inside RAM, no loops, read-before-write);
+here, a request whose shape is wrong (no header, no status byte, data in the
+wrong direction, length not a multiple of 512, sectors beyond capacity,
+discard segments out of range) completes with IOERR or UNSUPP and never
+reaches the backend.  A write to a read-only disk is IOERR and the image is
+untouched.  Nothing the guest sends raises out of the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from dataclasses import dataclass, field
+
+import structlog
+
+from ..backends.base import BackendIOError
+from .mmio import F_EVENT_IDX, F_INDIRECT_DESC, INT_USED_BUFFER
+from .queue import DescriptorChain, VirtqueueError
+
+log = structlog.get_logger("aiokvm.devices.virtio.blk")
+
+DEVICE_ID_BLOCK = 2
+SECTOR = 512
+
+# Request types and status values.
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+
+# Feature bits.
+F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH = 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 9
+F_DISCARD, F_WRITE_ZEROES = 1 << 13, 1 << 14
+
+QUEUE_SIZE = 256
+SEG_MAX = 126          # data segments per request (queue size minus header and status)
+SIZE_MAX = 1 << 20     # bytes per segment
+MAX_DISCARD_SECTORS = 1 << 22
+MAX_DISCARD_SEG = 16
+ID_BYTES = 20
+
+HEADER = struct.Struct("<IIQ")
+DISCARD_SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
+
+
+@dataclass(frozen=True)
+class BlkRequest:
+    """A parsed request: what to do, and where its buffers are."""
+
+    type: int
+    sector: int
+    data: tuple[tuple[int, int], ...]   # (addr, len): device-readable for OUT, writable for IN/GET_ID
+    status_addr: int
+
+    @property
+    def data_len(self) -> int:
+        return sum(n for _, n in self.data)
+
+
+class BadRequest(Exception):
+    """The request is malformed; complete it with ``status`` (if it has a status byte)."""
+
+    def __init__(self, status: int, why: str, status_addr: int | None) -> None:
+        super().__init__(why)
+        self.status = status
+        self.status_addr = status_addr
+
+
+def parse_request(chain: DescriptorChain, memory, capacity_sectors: int, read_only: bool) -> BlkRequest:
+    """Turn a descriptor chain into a request, or raise ``BadRequest``."""
+    if not chain.writable or chain.writable[-1][1] < 1:
+        raise BadRequest(S_IOERR, "no status byte", None)
+    status_addr = chain.writable[-1][0] + chain.writable[-1][1] - 1
+    if not chain.readable or chain.readable[0][1] < HEADER.size:
+        raise BadRequest(S_IOERR, "header shorter than 16 bytes", status_addr)
+    rtype, _reserved, sector = HEADER.unpack(memory.read(chain.readable[0][0], HEADER.size))
+    head_rest = chain.readable[0][1] - HEADER.size
+    readable = ((chain.readable[0][0] + HEADER.size, head_rest),) if head_rest else ()
+    readable += chain.readable[1:]
+    writable = list(chain.writable)
+    last_addr, last_len = writable[-1]
+    writable[-1] = (last_addr, last_len - 1)  # the status byte is not data
+    writable = tuple((a, n) for a, n in writable if n)
+    readable = tuple((a, n) for a, n in readable if n)
+
+    if rtype in (T_IN, T_GET_ID):
+        if readable:
+            raise BadRequest(S_IOERR, "device-readable data in a read request", status_addr)
+        data = writable
+    elif rtype in (T_OUT, T_DISCARD, T_WRITE_ZEROES):
+        if writable:
+            raise BadRequest(S_IOERR, "device-writable data in a write request", status_addr)
+        data = readable
+    elif rtype == T_FLUSH:
+        data = ()
+    else:
+        raise BadRequest(S_UNSUPP, f"unsupported request type {rtype}", status_addr)
+    request = BlkRequest(rtype, sector, data, status_addr)
+
+    if rtype in (T_IN, T_OUT):
+        length = request.data_len
+        if length % SECTOR:
+            raise BadRequest(S_IOERR, f"data length {length} is not a multiple of 512", status_addr)
+        if sector + length // SECTOR > capacity_sectors:
+            raise BadRequest(S_IOERR, f"sectors {sector}+{length // SECTOR} beyond capacity {capacity_sectors}",
+                             status_addr)
+        if any(n > SIZE_MAX for _, n in data) or len(data) > SEG_MAX:
+            raise BadRequest(S_IOERR, "segment count or size beyond what was advertised", status_addr)
+    if rtype in (T_OUT, T_DISCARD, T_WRITE_ZEROES) and read_only:
+        raise BadRequest(S_IOERR, "write to a read-only disk", status_addr)
+    return request
+
+
+def parse_segments(request: BlkRequest, memory, capacity_sectors: int) -> list[tuple[int, int, int]]:
+    """DISCARD / WRITE_ZEROES segments: ``(sector, count, flags)``, range-checked."""
+    raw = b"".join(memory.read(a, n) for a, n in request.data)
+    if not raw or len(raw) % DISCARD_SEGMENT.size or len(raw) // DISCARD_SEGMENT.size > MAX_DISCARD_SEG:
+        raise BadRequest(S_IOERR, "bad discard/write-zeroes segment list", request.status_addr)
+    segments = [DISCARD_SEGMENT.unpack_from(raw, i) for i in range(0, len(raw), DISCARD_SEGMENT.size)]
+    for sector, count, _flags in segments:
+        if count > MAX_DISCARD_SECTORS or sector + count > capacity_sectors:
+            raise BadRequest(S_IOERR, f"segment {sector}+{count} out of range", request.status_addr)
+    return segments
+
+
+@dataclass
+class BlkMetrics:
+    requests: int = 0
+    reads: int = 0
+    writes: int = 0
+    flushes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    ioerr: int = 0
+    unsupp: int = 0
+    in_flight_max: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class VirtioBlk:
+    """A virtio-blk device over a ``BlockBackend``.  Lives on the asyncio loop."""
+
+    device_id = DEVICE_ID_BLOCK
+    queue_max_sizes = (QUEUE_SIZE,)
+
+    def __init__(self, backend, *, serial: str | None = None) -> None:
+        if backend.size % SECTOR:
+            raise ValueError("backend size must be a multiple of 512")
+        self.backend = backend
+        self.read_only = bool(backend.read_only)
+        self.capacity = backend.size // SECTOR
+        self.serial = (serial if serial is not None else getattr(backend, "serial", "aiokvm"))[:ID_BYTES]
+        features = F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_EVENT_IDX | F_INDIRECT_DESC
+        if self.read_only:
+            features |= F_RO
+        else:
+            if getattr(backend, "supports_discard", False):
+                features |= F_DISCARD
+            if getattr(backend, "supports_write_zeroes", False):
+                features |= F_WRITE_ZEROES
+        self.features = features
+        self.metrics = BlkMetrics()
+        self._config = self._build_config()
+        self._queue = None
+        self._memory = None
+        self._interrupt = None
+        self._tasks: set[asyncio.Task] = set()
+        self._generation = 0  # bumps on reset: completions of an older generation are dropped
+
+    def _build_config(self) -> bytes:
+        cfg = bytearray(60)
+        struct.pack_into("<QII", cfg, 0, self.capacity, SIZE_MAX, SEG_MAX)
+        struct.pack_into("<I", cfg, 20, SECTOR)                    # blk_size
+        struct.pack_into("<H", cfg, 34, 1)                         # num_queues
+        struct.pack_into("<III", cfg, 36, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1)
+        struct.pack_into("<II", cfg, 48, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG)
+        cfg[56] = 0                                                # write_zeroes_may_unmap
+        return bytes(cfg)
+
+    # -- VirtioDevice ---------------------------------------------------------------------
+    def read_config(self, offset: int, size: int) -> int:
+        if size not in (1, 2, 4, 8) or offset < 0 or offset + size > len(self._config):
+            return 0
+        return int.from_bytes(self._config[offset:offset + size], "little")
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        pass  # writeback toggling is not offered: the config space is read-only
+
+    def activate(self, memory, queues, features: int, interrupt) -> None:
+        self._memory = memory
+        self._queue = queues[0]
+        self._interrupt = interrupt
+        self._generation += 1
+
+    def reset(self) -> None:
+        self._generation += 1
+        self._queue = None
+        for task in list(self._tasks):
+            task.cancel()
+        self._tasks.clear()
+
+    def notify(self, queue: int) -> None:
+        q = self._queue
+        if q is None:
+            return
+        while True:
+            chain = q.pop()  # VirtqueueError propagates to the transport: NEEDS_RESET
+            if chain is None:
+                break
+            self.metrics.requests += 1
+            try:
+                request = parse_request(chain, self._memory, self.capacity, self.read_only)
+            except BadRequest as bad:
+                self._finish_bad(chain, bad)
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(chain, request, self._generation))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            self.metrics.in_flight_max = max(self.metrics.in_flight_max, len(self._tasks))
+
+    # -- execution -------------------------------------------------------------------------
+    async def _execute(self, chain: DescriptorChain, request: BlkRequest, generation: int) -> None:
+        status, written = S_OK, 0
+        backend, memory = self.backend, self._memory
+        offset = request.sector * SECTOR
+        try:
+            if request.type == T_IN:
+                views = [memory.view(a, n) for a, n in request.data]
+                await backend.readv(offset, views)
+                written = request.data_len
+                self.metrics.reads += 1
+                self.metrics.bytes_read += written
+            elif request.type == T_OUT:
+                views = [memory.view(a, n) for a, n in request.data]
+                await backend.writev(offset, views)
+                self.metrics.writes += 1
+                self.metrics.bytes_written += request.data_len
+            elif request.type == T_FLUSH:
+                await backend.flush()
+                self.metrics.flushes += 1
+            elif request.type == T_GET_ID:
+                ident = self.serial.encode("ascii", "replace")[:ID_BYTES].ljust(ID_BYTES, b"\0")
+                for addr, n in request.data:
+                    take = ident[:n]
+                    memory.write(addr, take)
+                    written += len(take)
+                    ident = ident[n:]
+                    if not ident:
+                        break
+            elif request.type == T_DISCARD:
+                for sector, count, _flags in parse_segments(request, memory, self.capacity):
+                    await backend.discard(sector * SECTOR, count * SECTOR)
+            elif request.type == T_WRITE_ZEROES:
+                for sector, count, _flags in parse_segments(request, memory, self.capacity):
+                    await backend.write_zeroes(sector * SECTOR, count * SECTOR)
+        except BadRequest as bad:
+            status = bad.status
+        except BackendIOError as exc:
+            status = S_IOERR
+            self._note(f"backend: {exc}")
+        except asyncio.CancelledError:
+            return  # reset: the driver forgot this request
+        except Exception as exc:  # a bug or a GuestMemoryError: fail the request, keep the device
+            status = S_IOERR
+            self._note(f"{type(exc).__name__}: {exc}")
+        if generation != self._generation or self._queue is None:
+            return
+        self._complete(chain.head, request.status_addr, status, written)
+
+    def _finish_bad(self, chain: DescriptorChain, bad: BadRequest) -> None:
+        self._note(str(bad))
+        if bad.status_addr is None:
+            # No status byte to write: return the chain with nothing written.
+            self._push(chain.head, 0)
+            return
+        self._complete(chain.head, bad.status_addr, bad.status, 0)
+
+    def _complete(self, head: int, status_addr: int, status: int, written: int) -> None:
+        if status == S_IOERR:
+            self.metrics.ioerr += 1
+        elif status == S_UNSUPP:
+            self.metrics.unsupp += 1
+        try:
+            self._memory.write(status_addr, bytes([status]))
+        except Exception as exc:  # validated by pop(); a remap would be a bug
+            self._note(f"status byte: {exc}")
+            return
+        self._push(head, written + 1)
+
+    def _push(self, head: int, written: int) -> None:
+        q = self._queue
+        try:
+            q.push(head, written)
+            if q.needs_notification():
+                self._interrupt.signal(INT_USED_BUFFER)
+        except VirtqueueError as exc:
+            self._note(f"used ring: {exc}")
+
+    def _note(self, what: str) -> None:
+        if len(self.metrics.errors) < 32:
+            self.metrics.errors.append(what)
+
+    async def drain(self) -> None:
+        """Wait for every request in flight (e.g. before closing the backend)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
