@@ -149,9 +149,8 @@ class AtaDisk:
             self.lba[offset - 3] = value
         elif offset == 6:
             self.device = value | 0xA0
-        elif offset == 7:
-            if not self._slave_selected():
-                self._command(value)
+        elif offset == 7 and not self._slave_selected():
+            self._command(value)
 
     def control_read(self, offset: int, size: int) -> int:
         return 0 if self._slave_selected() else self.status  # alternate status: no ack

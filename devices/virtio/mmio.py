@@ -287,10 +287,9 @@ class MmioTransport:
             self.reset()
             return
         value &= 0xFF
-        if value & FEATURES_OK and not self.status & FEATURES_OK:
-            if not self._features_acceptable():
-                self.metrics.features_refused += 1
-                value &= ~FEATURES_OK  # the driver reads it back and gives up
+        if value & FEATURES_OK and not self.status & FEATURES_OK and not self._features_acceptable():
+            self.metrics.features_refused += 1
+            value &= ~FEATURES_OK  # the driver reads it back and gives up
         if value & DRIVER_OK and not self.status & DRIVER_OK:
             if not (value & FEATURES_OK or self.status & FEATURES_OK):
                 self._ignored("DRIVER_OK without FEATURES_OK")
