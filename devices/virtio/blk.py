@@ -214,6 +214,11 @@ class VirtioBlk:
         while True:
             chain = q.pop()  # VirtqueueError propagates to the transport: NEEDS_RESET
             if chain is None:
+                # Ask for a kick on the next add (avail_event under EVENT_IDX),
+                # then look once more: a chain added meanwhile sent no kick.
+                q.set_notification(True)
+                if q.has_available():
+                    continue
                 break
             self.metrics.requests += 1
             try:

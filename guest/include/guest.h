@@ -79,6 +79,9 @@ int parse_u64(const char *s, uint64_t *out);
 
 /* ---- timing ---- */
 uint64_t tsc_hz(void);          /* from CPUID if known, else assumed */
+/* Where tsc_hz() got its value: "cpuid15", "cpuid16", "cpuid40000010"
+ * (hypervisor timing leaf) or "assumed" (3 GHz). */
+const char *tsc_hz_source(void);
 void delay_us(uint64_t us);
 
 /* ---- local APIC / SMP ---- */

@@ -18,6 +18,8 @@ void ap_start_c(void);
 #define ICR_ALL_BUT_ME  0x000c0000u
 
 /* ---- TSC ---- */
+static const char *hz_source = "assumed";
+
 uint64_t tsc_hz(void)
 {
 	static uint64_t hz;
@@ -28,13 +30,17 @@ uint64_t tsc_hz(void)
 	cpuid(0, 0, &max, &b, &c, &d);
 	if (max >= 0x15) {
 		cpuid(0x15, 0, &a, &b, &c, &d);
-		if (a && b && c)
+		if (a && b && c) {
 			hz = (uint64_t)c * b / a;
+			hz_source = "cpuid15";
+		}
 	}
 	if (!hz && max >= 0x16) {
 		cpuid(0x16, 0, &a, &b, &c, &d);
-		if (a & 0xffff)
+		if (a & 0xffff) {
 			hz = (uint64_t)(a & 0xffff) * 1000000;
+			hz_source = "cpuid16";
+		}
 	}
 	if (!hz) {
 		cpuid(1, 0, &a, &b, &c, &d);
@@ -43,12 +49,20 @@ uint64_t tsc_hz(void)
 			if (max >= 0x40000010) {
 				cpuid(0x40000010, 0, &a, &b, &c, &d);
 				hz = (uint64_t)a * 1000;   /* kHz */
+				if (hz)
+					hz_source = "cpuid40000010";
 			}
 		}
 	}
 	if (!hz)
 		hz = 3000000000ull;   /* unknown: assume 3 GHz */
 	return hz;
+}
+
+const char *tsc_hz_source(void)
+{
+	(void)tsc_hz();
+	return hz_source;
 }
 
 void delay_us(uint64_t us)

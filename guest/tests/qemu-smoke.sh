@@ -36,4 +36,40 @@ check exitloop-mmio    1 "exitloop: done 10000"    exitloop "n=10000 mmio=0xd000
 check exitloop-in      1 "exitloop: done 10000"    exitloop "n=10000 mode=in size=4"
 check triplefault      0 "about to fault"          triplefault "" -no-reboot
 check unclaimed        1 "inb=0xff inw=0xffff inl=0xffffffff" unclaimed ""
+
+# Disk programs on fresh 256 KiB zero images (sectors=64): the checksum
+# must be the same on every device.  QEMU's ide-hd refuses read-only
+# drives, so the write-error path is checked on virtio only.
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+img() { rm -f "$T/$1.img"; truncate -s 256K "$T/$1.img"; }
+VIRTIO="-global virtio-mmio.force-legacy=false -device virtio-blk-device,drive=d0"
+IDE="-device isa-ide,iobase=0x1f0,iobase2=0x3f6,irq=14 -device ide-hd,drive=d1,bus=ide.0"
+SUM="disktest: checksum eda06242d68d82dc"
+img v
+check disktest-virtio  1 "$SUM" disktest "dev=virtio sectors=64 cpl=3" \
+	$VIRTIO -drive id=d0,file="$T/v.img",format=raw,if=none
+img w
+check disktest-ata-word 1 "$SUM" disktest "dev=ata-word sectors=64 cpl=3" \
+	$IDE -drive id=d1,file="$T/w.img",format=raw,if=none
+img r
+check disktest-ata-rep 1 "$SUM" disktest "dev=ata-rep sectors=64 cpl=3" \
+	$IDE -drive id=d1,file="$T/r.img",format=raw,if=none
+img c
+check disktest-cpl0    1 "$SUM" disktest "dev=virtio sectors=64" \
+	$VIRTIO -drive id=d0,file="$T/c.img",format=raw,if=none
+img o
+check disktest-ro      7 "disktest: read-only: 8 write errors" disktest \
+	"dev=virtio sectors=64 cpl=3" \
+	$VIRTIO -drive id=d0,file="$T/o.img",format=raw,if=none,readonly=on
+img g
+check disktest-gen     1 "disktest: flushed generation 10" disktest \
+	"dev=virtio gen=10 sectors=4 cpl=3" \
+	$VIRTIO -drive id=d0,file="$T/g.img",format=raw,if=none
+check diskbench-virtio 1 "diskbench: dev=virtio op=read pattern=rand bs=4096 qd=8 bytes=262144 ticks=" \
+	diskbench "dev=virtio op=read pattern=rand bs=4096 qd=8 bytes=262144 cpl=3" \
+	$VIRTIO -drive id=d0,file="$T/v.img",format=raw,if=none
+check diskbench-ata    1 "diskbench: dev=ata-rep op=write pattern=seq bs=4096 qd=1 bytes=16384 ticks=" \
+	diskbench "dev=ata-rep op=write bs=4096 bytes=16384 cpl=3" \
+	$IDE -drive id=d1,file="$T/w.img",format=raw,if=none
 exit $fail

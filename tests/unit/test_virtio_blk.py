@@ -236,3 +236,18 @@ def test_queue_config_is_frozen_once_ready():
     before = g.t.queues[0].desc
     g.w(mmio.QUEUE_DESC_LOW, 0x1234)
     assert g.t.queues[0].desc == before
+
+
+async def test_event_idx_driver_that_kicks_only_when_asked_is_never_stranded():
+    """A real EVENT_IDX driver kicks only when avail_event says so: the device
+    must keep avail_event current or later requests are never seen."""
+    g = await ready_guest(SlowBackend(256 * 512, seed=3))
+    assert g.q.event_idx
+    done = 0
+    for round_ in range(6):
+        for i in range(5):
+            g.submit(T_OUT, (round_ * 5 + i) * 2, bytes([i]) * 1024)
+        if g.q.should_kick():
+            g.kick()
+        done += len(await g.complete(5))
+    assert done == 30
