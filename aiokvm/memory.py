@@ -151,17 +151,22 @@ class GuestMemory:
         view, offset = self._locate(addr, 8)
         return struct.unpack_from("<Q", view, offset)[0]
 
+    # Stores into guest RAM must never pass through an intermediate value: a
+    # vCPU on another core may be reading the same word (a ring index).
+    # struct.pack_into zero-fills its target before packing, which a guest
+    # polling the word sees as a transient 0 (measured here); a slice
+    # assignment is one memcpy of the final bytes.
     def write_u16(self, addr: int, value: int) -> None:
         view, offset = self._locate(addr, 2)
-        struct.pack_into("<H", view, offset, value)
+        view[offset:offset + 2] = (value & 0xFFFF).to_bytes(2, "little")
 
     def write_u32(self, addr: int, value: int) -> None:
         view, offset = self._locate(addr, 4)
-        struct.pack_into("<I", view, offset, value)
+        view[offset:offset + 4] = (value & 0xFFFF_FFFF).to_bytes(4, "little")
 
     def write_u64(self, addr: int, value: int) -> None:
         view, offset = self._locate(addr, 8)
-        struct.pack_into("<Q", view, offset, value)
+        view[offset:offset + 8] = (value & (2**64 - 1)).to_bytes(8, "little")
 
     def host_address(self, region: MemoryRegion) -> int:
         """Host virtual address of a region's mapping (for KVM_SET_USER_MEMORY_REGION)."""

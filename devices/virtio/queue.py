@@ -341,9 +341,12 @@ class SplitQueue:
             raise ValueError(f"push of head {head} with {written} bytes written; it has {limit} writable")
         del self._in_flight[head]
         slot = self._next_used % self.size
-        _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, written)
+        # Slice stores, not pack_into: pack_into zero-fills its target first,
+        # and the driver polls these words from another CPU (see GuestMemory).
+        elem = 4 + 8 * slot
+        self._used[elem:elem + 8] = _USED_ELEM.pack(head, written)
         self._next_used = (self._next_used + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, self._next_used)  # after the element
+        self._used[2:4] = _U16.pack(self._next_used)  # after the element
         self.num_pushed += 1
 
     def needs_notification(self) -> bool:
@@ -374,8 +377,9 @@ class SplitQueue:
         """
         if self.event_idx:
             if enabled:
-                _U16.pack_into(self._used, 4 + 8 * self.size, self._avail_idx())
+                at = 4 + 8 * self.size
+                self._used[at:at + 2] = _U16.pack(self._avail_idx())
         else:
-            _U16.pack_into(self._used, 0, 0 if enabled else USED_F_NO_NOTIFY)
+            self._used[0:2] = _U16.pack(0 if enabled else USED_F_NO_NOTIFY)
         if enabled:
             _full_barrier()  # the write must be visible before the caller re-reads avail.idx

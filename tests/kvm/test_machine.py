@@ -173,3 +173,35 @@ async def test_misuse_is_config_error():
         Machine(spin_us=-1)
     with pytest.raises(ConfigError, match="sample_every"):
         Machine(sample_every=0)
+
+
+def test_host_stores_into_guest_ram_are_never_torn():
+    """A guest polling a word the host keeps incrementing never sees it go
+    backwards (struct.pack_into, which zero-fills first, made it drop to 0)."""
+    import asyncio as _asyncio
+
+    async def main():
+        async with Machine() as vm:
+            vm.load("memcoh", cmdline="addr=0x300000 n=4000000000 cpl=3")
+            task = _asyncio.create_task(vm.run(timeout=60))
+            await _asyncio.sleep(0.2)
+            done = threading.Event()
+
+            def writer():
+                for i in range(1, 1_000_000):
+                    vm.memory.write_u32(0x300000, i)
+                vm.memory.write_u32(0x300000, 0xFFFF_FFFF)
+                done.set()
+
+            thread = threading.Thread(target=writer)
+            thread.start()
+            while not done.is_set():
+                await _asyncio.sleep(0.01)
+            thread.join()
+            await task
+            return vm.console.output.decode()
+
+    import uvloop
+
+    output = uvloop.run(main())
+    assert "memcoh: decreases 0 " in output, output
