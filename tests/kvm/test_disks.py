@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,7 +64,7 @@ def fresh_image(path, size: int) -> str:
 
 
 def sha256(path: str) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @pytest.mark.qemu
@@ -118,7 +119,7 @@ async def test_disk_on_qemu_nbd_serving_qcow2(tmp_path):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", qcow, "1M"], check=True)
     server = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "--socket", sock, "--export-name", "disk",
                                "--persistent", "--shared", "2", qcow], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
+                              stderr=subprocess.DEVNULL)
     try:
         for _ in range(200):
             if os.path.exists(sock):
@@ -149,25 +150,27 @@ def test_flushed_generations_survive_kill_9(tmp_path, interface):
     n_sectors = 32
     img = fresh_image(tmp_path / "crash.img", n_sectors * 512)
     dev = "virtio" if interface == "virtio" else "ata-rep"
-    proc = subprocess.Popen(
+    flushed = 0
+    with subprocess.Popen(
         [sys.executable, "-m", "aiokvm", "run", "disktest", "--disk", f"{img},if={interface}",
          "--cmdline", f"dev={dev} cpl=3 sectors={n_sectors} gen=1000000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    flushed = 0
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline().decode()
-            if line.startswith("disktest: flushed generation"):
-                flushed = int(line.split()[-1])
-                if flushed >= 150:
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    ) as proc:
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                line = proc.stdout.readline().decode()
+                if not line:
                     break
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert flushed >= 150, proc.stderr.read().decode()[-500:]
-    data = open(img, "rb").read()
+                if line.startswith("disktest: flushed generation"):
+                    flushed = int(line.split()[-1])
+                    if flushed >= 150:
+                        break
+            os.kill(proc.pid, signal.SIGKILL)  # no chance to flush anything more
+        finally:
+            proc.kill()
+    assert flushed >= 150
+    data = Path(img).read_bytes()
     for g in range(max(1, flushed - 2 * n_sectors), flushed + 1):
         sector = g % n_sectors
         words = struct.unpack_from("<3Q", data, sector * 512)
