@@ -95,3 +95,41 @@ def test_info_lists_capabilities_and_guests():
     assert "KVM API version 12" in proc.stdout
     assert "IOEVENTFD" in proc.stdout
     assert "hello" in proc.stdout
+
+
+@pytest.mark.kvm
+def test_run_with_a_virtio_disk(tmp_path):
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(64 << 10))
+    proc = aiokvm("run", "disktest", "--disk", f"{img},if=virtio", "--cmdline", "dev=virtio cpl=3 sectors=16",
+                  "--stats")
+    assert proc.returncode == 0, proc.stderr
+    assert "disktest: ok" in proc.stdout
+    assert "virtio7/ioeventfd" in proc.stderr  # QueueNotify never exited to user mode
+
+
+@pytest.mark.kvm
+def test_no_ioeventfd_makes_queue_notify_an_exit(tmp_path):
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(64 << 10))
+    proc = aiokvm("run", "disktest", "--disk", f"{img},if=virtio", "--no-ioeventfd", "--cmdline",
+                  "dev=virtio cpl=3 sectors=16", "--stats")
+    assert proc.returncode == 0, proc.stderr
+    assert "virtio7/ioeventfd" not in proc.stderr
+    line = next(line for line in proc.stderr.splitlines() if "virtio7/loop" in line)
+    assert int(line.split()[-1]) > 20  # register accesses plus one exit per notify
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ("/nonexistent.img", "does not exist"),
+    ("{tmp}/odd.img", "multiple of 512"),
+    ("{tmp}/ok.img,bogus=1", "bogus"),
+    ("{tmp}/ok.img,if=scsi", "scsi"),
+    ("nbd+unix:///disk?socket=/nonexistent.sock", "NBD"),
+])
+def test_bad_disks_are_one_line_errors(tmp_path, spec, fragment):
+    (tmp_path / "odd.img").write_bytes(b"x" * 1000)
+    (tmp_path / "ok.img").write_bytes(bytes(4096))
+    proc = aiokvm("run", "hello", "--disk", spec.format(tmp=tmp_path))
+    assert_one_line_error(proc, 2, "")
+    assert fragment.lower() in proc.stderr.lower(), proc.stderr

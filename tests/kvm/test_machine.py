@@ -205,3 +205,17 @@ def test_host_stores_into_guest_ram_are_never_torn():
 
     output = uvloop.run(main())
     assert "memcoh: decreases 0 " in output, output
+
+
+async def test_virtio_devices_fill_slots_from_the_top_and_are_announced(tmp_path):
+    from aiokvm.devices.backends.memory import MemoryBackend
+
+    async with Machine() as vm:
+        await vm.add_disk(MemoryBackend(1 << 20))
+        await vm.add_disk(MemoryBackend(1 << 20))
+        vm.load("hello", cmdline="quiet")
+        assert vm.cmdline == ("quiet virtio_mmio.device=512@0xfeb00e00:12 "
+                              "virtio_mmio.device=512@0xfeb00c00:11")
+        with pytest.raises(ConfigError, match="before load"):
+            await vm.add_disk(MemoryBackend(1 << 20))
+        assert (await vm.run(timeout=60)).code == 0
