@@ -251,3 +251,45 @@ async def test_event_idx_driver_that_kicks_only_when_asked_is_never_stranded():
             g.kick()
         done += len(await g.complete(5))
     assert done == 30
+
+
+NEXT, WRITE, INDIRECT = 1, 2, 4
+DATA = 0x200000  # inside the 4 MiB guest
+
+
+@pytest.mark.parametrize(("name", "descriptors"), [
+    ("outside RAM", [(0x7FFF_FFFF_0000, 16, 0, 0)]),
+    ("length overflow", [(DATA, 0xFFFF_FFFF, NEXT, 1), (2**64 - 8, 16, WRITE, 0)]),
+    ("loop", [(DATA, 16, NEXT, 1), (DATA + 16, 1, WRITE | NEXT, 0)]),
+    ("readable after writable", [(DATA, 16, WRITE | NEXT, 1), (DATA + 16, 16, 0, 0)]),
+    ("next out of range", [(DATA, 16, NEXT, 500)]),
+    ("indirect with next", [(DATA, 16, INDIRECT | NEXT, 1), (DATA, 1, WRITE, 0)]),
+])
+async def test_every_hostile_chain_means_needs_reset_and_a_counted_error(name, descriptors):
+    g = await ready_guest()
+    g.q.add_raw(descriptors)
+    g.kick()
+    await asyncio.sleep(0)
+    assert g.r(mmio.STATUS) & mmio.NEEDS_RESET, name
+    assert g.t.metrics.needs_reset == 1
+    assert g.device.metrics.requests == 0  # nothing reached the backend
+
+
+async def test_nested_indirect_table_means_needs_reset():
+    g = await ready_guest()
+    table = g.q.alloc(32)
+    inner = g.q.alloc(16)
+    g.q.write_table(table, [(inner, 16, INDIRECT, 0), (DATA, 1, WRITE, 0)])
+    g.q.add_raw([(table, 32, INDIRECT, 0)])
+    g.kick()
+    await asyncio.sleep(0)
+    assert g.r(mmio.STATUS) & mmio.NEEDS_RESET
+
+
+async def test_a_chain_longer_than_the_queue_means_needs_reset():
+    g = await ready_guest()
+    chain = [(DATA + 16 * i, 16, NEXT, i + 1) for i in range(QSIZE - 1)] + [(DATA, 16, NEXT, 0)]
+    g.q.add_raw(chain)  # the last one points back to the head: longer than the queue
+    g.kick()
+    await asyncio.sleep(0)
+    assert g.r(mmio.STATUS) & mmio.NEEDS_RESET
