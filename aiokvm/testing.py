@@ -234,3 +234,74 @@ class VirtqueueDriver:
         if head not in self._completed:
             raise ValueError(f"head {head} has not completed (call used() first)")
         return [self.memory.read(addr, length) for addr, length in self._completed[head]]
+
+
+class LinkSimulator:
+    """Wires ``Bridge`` ports together in memory and runs them in injected time.
+
+    ``connect(br1, "p1", br2, "p1")`` joins two ports by a cable;
+    ``attach_host(br, "h1")`` gives a port a host that records what it
+    receives.  ``inject(br, port, frame)`` plays a frame received on a port
+    and delivers everything that results, hop by hop, until the network is
+    quiet (or ``max_frames`` were delivered: a loop).  ``run(seconds)``
+    advances the clock in ``step`` increments and ticks every bridge.
+    """
+
+    def __init__(self, *, step: float = 0.25, max_frames: int = 100_000) -> None:
+        self.now = 0.0
+        self.step = step
+        self.max_frames = max_frames
+        self.bridges: list = []
+        self._wires: dict[tuple[int, str], tuple[object, str]] = {}
+        self.hosts: dict[tuple[int, str], list[bytes]] = {}
+        self.delivered = 0
+
+    def _add(self, br) -> None:
+        if all(b is not br for b in self.bridges):
+            self.bridges.append(br)
+
+    def connect(self, a, a_port: str, b, b_port: str) -> None:
+        self._add(a)
+        self._add(b)
+        self._wires[(id(a), a_port)] = (b, b_port)
+        self._wires[(id(b), b_port)] = (a, a_port)
+
+    def disconnect(self, a, a_port: str) -> None:
+        peer = self._wires.pop((id(a), a_port), None)
+        if peer is not None:
+            self._wires.pop((id(peer[0]), peer[1]), None)
+            self._deliver(a.set_port_link(a_port, False, self.now), a)
+            self._deliver(peer[0].set_port_link(peer[1], False, self.now), peer[0])
+
+    def attach_host(self, br, port: str) -> list[bytes]:
+        self._add(br)
+        received: list[bytes] = []
+        self.hosts[(id(br), port)] = received
+        return received
+
+    def inject(self, br, port: str, frame: bytes) -> None:
+        self._deliver(br.receive(port, frame, self.now), br)
+
+    def _deliver(self, out, source) -> None:
+        queue = [(source, port, frame) for port, frame in out]
+        while queue:
+            br, port, frame = queue.pop(0)
+            self.delivered += 1
+            if self.delivered > self.max_frames:
+                raise RuntimeError("frame storm: more than max_frames deliveries (a forwarding loop?)")
+            host = self.hosts.get((id(br), port))
+            if host is not None:
+                host.append(frame)
+                continue
+            peer = self._wires.get((id(br), port))
+            if peer is None:
+                continue  # an unplugged port
+            peer_br, peer_port = peer
+            queue.extend((peer_br, p, f) for p, f in peer_br.receive(peer_port, frame, self.now))
+
+    def run(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.now = min(self.now + self.step, end)
+            for br in self.bridges:
+                self._deliver(br.tick(self.now), br)

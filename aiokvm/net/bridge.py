@@ -129,6 +129,7 @@ class Bridge:
         default_pvid: int = 1,
         group_fwd_mask: int = 0,
         fdb_max_learned: int = 0,
+        accept_rst: bool = False,
         now: float = 0.0,
     ) -> None:
         self.name = name
@@ -151,8 +152,12 @@ class Bridge:
         self._fdb: dict[tuple[bytes, int], FdbEntry] = {}
         self._learned = 0
         self._next_port_no = 1
+        # accept_rst=False is the kernel's behaviour: br_stp_rcv drops every
+        # BPDU whose version is not 0, so RST BPDUs are ignored (counted).
+        # True processes them as config BPDUs, as 802.1D-2004 asks of a
+        # legacy bridge.
         self.stp = Stp(self.mac, priority=priority, hello_time=hello_time, max_age=max_age,
-                       forward_delay=forward_delay, enabled=stp)
+                       forward_delay=forward_delay, enabled=stp, accept_rst=accept_rst)
         self.stp_enabled = stp
         self.priority = priority
         self.forward_delay = forward_delay
@@ -320,7 +325,11 @@ class Bridge:
             del self._fdb[key]
 
     def _hold_time(self) -> float:
-        return self.forward_delay if self.stp_enabled and self.stp.topology_change else self.ageing_time
+        # During a topology change the kernel ages entries after twice the
+        # operating (root's) forward delay (__br_set_topology_change).
+        if self.stp_enabled and self.stp.topology_change:
+            return 2 * self.stp.forward_delay
+        return self.ageing_time
 
     def _learn(self, port: Port, mac: bytes, vid: int, now: float) -> None:
         key = (mac, vid)

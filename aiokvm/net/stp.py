@@ -143,6 +143,11 @@ class _Port:
     hold_timer: float | None = None
 
 
+def _cost_sum(p: _Port) -> int:
+    """Root path cost through ``p``, wrapping at 32 bits as the kernel's u32 arithmetic does."""
+    return (p.designated_cost + p.path_cost) & 0xFFFF_FFFF
+
+
 def _check_range(what: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise ConfigError(f"{what} {value} is out of range {low}..{high}")
@@ -431,27 +436,34 @@ class Stp:
                 self.hello_timer = now + self.hello_time
         now = max(now, self._now)
         while (due := self._next_timer(now)) is not None:
-            deadline, fire = due
+            deadline, handler, port = due
             self._now = max(self._now, deadline)
-            fire(now)
+            if port is None:
+                handler(now)
+            else:
+                handler(port, now)
         self._now = now
 
+    _BRIDGE_TIMERS = ("hello_timer", "tcn_timer", "topology_change_timer")
+    _PORT_TIMERS = ("message_age_timer", "forward_delay_timer", "hold_timer")
+
     def _next_timer(self, limit: float):
-        """The earliest armed timer with deadline <= limit, as (deadline, handler)."""
+        """The earliest armed timer with deadline <= limit, as (deadline, handler, port or None).
+        Ties go to bridge timers first, then ports in the order they were added."""
         best = None
-        candidates = [
-            (self.hello_timer, self._hello_timer_expired),
-            (self.tcn_timer, self._tcn_timer_expired),
-            (self.topology_change_timer, self._topology_change_timer_expired),
-        ]
-        for p in self._ports.values():
-            candidates.append((p.message_age_timer, _bind(self._message_age_timer_expired, p)))
-            candidates.append((p.forward_delay_timer, _bind(self._forward_delay_timer_expired, p)))
-            candidates.append((p.hold_timer, _bind(self._hold_timer_expired, p)))
-        for deadline, fire in candidates:
+        for attr in self._BRIDGE_TIMERS:
+            deadline = getattr(self, attr)
             if deadline is not None and deadline <= limit and (best is None or deadline < best[0]):
-                best = (deadline, fire)
-        return best
+                best = (deadline, attr, None)
+        for p in self._ports.values():
+            for attr in self._PORT_TIMERS:
+                deadline = getattr(p, attr)
+                if deadline is not None and deadline <= limit and (best is None or deadline < best[0]):
+                    best = (deadline, attr, p)
+        if best is None:
+            return None
+        deadline, attr, port = best
+        return deadline, getattr(self, f"_{attr}_expired"), port
 
     def _periodic(self, period: float, now: float) -> float:
         """Next deadline of a periodic timer firing at self._now: the first beat after ``now``."""
@@ -490,8 +502,7 @@ class Stp:
 
     @staticmethod
     def _root_vector(p: _Port) -> tuple[int, int, int, int, int]:
-        return (p.designated_root, p.designated_cost + p.path_cost, p.designated_bridge, p.designated_port,
-                p.port_id)
+        return (p.designated_root, _cost_sum(p), p.designated_bridge, p.designated_port, p.port_id)
 
     def _should_become_designated(self, p: _Port) -> bool:
         if self._is_designated(p) or p.designated_root != self.designated_root:
@@ -526,7 +537,7 @@ class Stp:
             self.root_path_cost = 0
         else:
             self.designated_root = rp.designated_root
-            self.root_path_cost = rp.designated_cost + rp.path_cost
+            self.root_path_cost = _cost_sum(rp)
 
     def _designated_port_selection(self) -> None:
         for p in self._ports.values():
@@ -768,6 +779,3 @@ class Stp:
         if p.config_pending:
             self._transmit_config(p)
 
-
-def _bind(handler, p: _Port):
-    return lambda now: handler(p, now)

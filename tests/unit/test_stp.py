@@ -9,10 +9,11 @@ bytes, from the port's MAC, parseable) and logged for the assertions.
 from __future__ import annotations
 
 import heapq
+import random
 from collections import deque
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from aiokvm.errors import ConfigError
@@ -124,8 +125,9 @@ class Net:
         return [(t, br, p) for t, br, p, b in self.log if isinstance(b, TcnBpdu)]
 
 
-def expected_costs(net: Net, root: str) -> dict[str, int]:
+def expected_costs(net: Net, root: str, states: dict[str, dict] | None = None) -> dict[str, int]:
     """Dijkstra over live links; reaching v from u costs v's port cost toward u."""
+    states = states or {name: stp.state() for name, stp in net.bridges.items()}
     costs = {root: 0}
     heap = [(0, root)]
     while heap:
@@ -136,7 +138,7 @@ def expected_costs(net: Net, root: str) -> dict[str, int]:
             for x, y in ((a, b), (b, a)):
                 if x != u:
                     continue
-                nd = d + net.bridges[y].state()["ports"][f"{y}>{x}"]["path_cost"]
+                nd = d + states[y]["ports"][f"{y}>{x}"]["path_cost"]
                 if nd < costs.get(y, 1 << 62):
                     costs[y] = nd
                     heapq.heappush(heap, (nd, y))
@@ -146,13 +148,13 @@ def expected_costs(net: Net, root: str) -> dict[str, int]:
 def problems(net: Net, root: str) -> list[str]:
     """Why the network is not (yet) a converged spanning tree rooted at ``root``; empty when it is."""
     out = []
-    root_id = net.bridges[root].state()["bridge_id"]
-    costs = expected_costs(net, root)
-    for name, stp in net.bridges.items():
-        s = stp.state()
-        if s["root_id"] != root_id:
-            out.append(f"{name} thinks the root is {s['root_id']}")
-        elif s["root_path_cost"] != costs[name]:
+    states = {name: stp.state() for name, stp in net.bridges.items()}
+    root_id = states[root]["bridge_id"]
+    if any(s["root_id"] != root_id for s in states.values()):
+        return [f"{name} thinks the root is {s['root_id']}" for name, s in states.items() if s["root_id"] != root_id]
+    costs = expected_costs(net, root, states)
+    for name, s in states.items():
+        if s["root_path_cost"] != costs[name]:
             out.append(f"{name} root path cost {s['root_path_cost']} != {costs[name]}")
         for port, ps in s["ports"].items():
             if ps["state"] not in ("forwarding", "blocking", "disabled"):
@@ -274,6 +276,64 @@ def test_converges_to_one_spanning_tree(name):
         # C reaches A through D (100 + 10) rather than directly (500) or via B (200).
         assert net.bridges["C"].state()["root_port"] == "C>D"
         assert net.bridges["C"].state()["root_path_cost"] == 110
+
+
+def random_net(seed: int) -> tuple[Net, random.Random]:
+    """A connected random graph of 2-7 bridges, random priorities and (asymmetric) port costs."""
+    rnd = random.Random(seed)
+    names = "ABCDEFG"[:rnd.randint(2, 7)]
+    links = [(names[rnd.randrange(i)], names[i]) for i in range(1, len(names))]
+    for _ in range(rnd.randint(0, len(names))):
+        a, b = rnd.sample(names, 2)
+        if (a, b) not in links and (b, a) not in links:
+            links.append((a, b))
+    net = Net()
+    for name in names:
+        net.add(name, priority=rnd.choice([4096, 32768, 61440]))
+    for a, b in links:
+        net.link(a, b, rnd.choice([1, 10, 100, 200]), rnd.choice([1, 10, 100, 200]))
+    return net, rnd
+
+
+def lowest(net: Net) -> str:
+    return min(net.bridges, key=lambda name: net.bridges[name].bridge_id)
+
+
+def connected_without(net: Net, link: tuple[str, str]) -> bool:
+    rest = [x for x in net.links if x != link]
+    seen = {next(iter(net.bridges))}
+    grew = True
+    while grew:
+        grew = False
+        for a, b in rest:
+            if (a in seen) != (b in seen):
+                seen |= {a, b}
+                grew = True
+    return len(seen) == len(net.bridges)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_topologies_converge_and_reconverge(seed):
+    net, rnd = random_net(seed)
+    n = len(net.bridges)
+    # Roles settle within a hello plus one hold time per hop (replies and relays are held), then 2 x fd.
+    t = net.run_until_converged(lowest(net), limit=2 * FWD + HELLO + n * HOLD_TIME)
+    net.run_until(t + 30)
+    assert not problems(net, lowest(net))
+    cuts = [link for link in net.links if connected_without(net, link)]
+    if cuts:
+        net.cut(*rnd.choice(cuts))
+        cut_at = net.now
+        t = net.run_until_converged(lowest(net), limit=cut_at + MAX_AGE + 2 * FWD)
+        net.run_until(t + 30)
+        assert not problems(net, lowest(net))
+    new_root = rnd.choice(list(net.bridges))
+    changed = net.now
+    net.deliver(new_root, net.bridges[new_root].set_bridge_priority(0, net.now))
+    t = net.run_until_converged(new_root, limit=changed + MAX_AGE + 2 * FWD)
+    net.run_until(t + 30)
+    assert not problems(net, new_root)
+    assert_hold_respected(net)
 
 
 def test_root_with_two_ports_on_one_segment_blocks_the_higher_port_id():
@@ -592,6 +652,30 @@ def test_receive_never_raises(data):
     s.receive("p", data, 1.0)
     s.receive("p", better_rst()[:len(data)] + data, 1.0)
     s.tick(5.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([ConfigBpdu, RstBpdu]),
+    st.integers(0, 0xFF),
+    st.integers(0, (1 << 64) - 1),
+    st.integers(0, (1 << 32) - 1),
+    st.integers(0, (1 << 64) - 1),
+    st.integers(0, 0xFFFF),
+    st.lists(st.integers(0, 0xFFFF), min_size=4, max_size=4),
+)
+@example(ConfigBpdu, 0, 0, 0xFFFF_FFFF, 0, 0x8001, [0, 20 * 256, 2 * 256, 15 * 256])   # cost + 100 wraps
+def test_any_well_formed_bpdu_is_survived(kind, flags, root, cost, bridge, port, ticks):
+    """Extreme field values (cost near 2**32, zero times, ages above max age) never make receive or tick raise."""
+    s = single()
+    s.add_port("q", 2, mac=mac(9, 2), now=0.0)
+    times = [x / 256 for x in ticks]
+    frame = build_bpdu(kind(flags, root, cost, bridge, port, *times), src=mac(1, 1))
+    for t in (1.0, 1.5, 3.0):
+        for port_name, f in s.receive("p", frame, t) + s.receive("q", frame, t) + s.tick(t + 0.25):
+            assert len(f) == 60 and port_name in ("p", "q")
+    assert all(len(f) == 60 for _, f in s.tick(600.0))
+    assert not s.errors
 
 
 def test_message_age_limits_the_information_lifetime():
