@@ -163,6 +163,8 @@ class Bridge:
         self.drops: Counter = Counter()   # bridge-wide: learning limit and the like
         # The bridge's own address: a permanent entry, delivered "to the host".
         self._fdb[(self.mac, 0)] = FdbEntry(self.mac, 0, None, "permanent", updated=now)
+        #: addresses delivered to the host in every VLAN: the bridge's and its ports'
+        self._local_macs: set[bytes] = {self.mac}
 
     # -- ports ---------------------------------------------------------------------------
     def add_port(
@@ -190,13 +192,17 @@ class Bridge:
             port.vlans[self.default_pvid] = True
             port.pvid = self.default_pvid
         self.ports[name] = port
+        # Like the kernel, each port's own address is a local (permanent) entry.
+        self._fdb[(port_mac, 0)] = FdbEntry(port_mac, 0, name, "permanent", updated=now)
+        self._local_macs.add(port_mac)
         self.stp.add_port(name, port_no, mac=port_mac, priority=priority, path_cost=port.path_cost, now=now)
         return port
 
     def remove_port(self, name: str, now: float = 0.0) -> list[tuple[str, bytes]]:
         self._port(name)
         out = self.stp.remove_port(name, now)
-        del self.ports[name]
+        port = self.ports.pop(name)
+        self._local_macs.discard(port.mac)
         self._flush(lambda e: e.port == name)
         return out
 
@@ -336,12 +342,17 @@ class Bridge:
             self._learned += 1
             return
         if entry.port != port.name:
-            if entry.sticky or entry.kind in ("permanent", "static") or entry.port is None:
+            # As br_fdb_update: local entries and sticky ones stay; anything
+            # else (static included) moves, and an extern_learn entry that
+            # moves becomes an ordinary learned one.
+            if entry.sticky or entry.kind == "permanent" or entry.port is None:
                 port.drops["move_refused"] += 1  # the frame goes on; the entry stays
                 return
-            entry.port = port.name  # the MAC moved (extern_learn entries roam too)
-        if entry.kind == "learned":
-            entry.updated = now
+            entry.port = port.name
+            if entry.kind == "extern_learn":
+                entry.kind = "learned"
+                self._learned += 1
+        entry.updated = now
 
     # -- the data path ---------------------------------------------------------------------------
     def _forwarding_state(self, port: Port) -> PortState:
@@ -376,16 +387,19 @@ class Bridge:
 
         if dst[0] & 1 and dst[:5] == LINK_LOCAL_PREFIX and dst[5] & 0xF0 == 0:
             low = dst[5]
-            if low == 0x00:
-                if self.stp_enabled:
-                    return self._count_tx(self.stp.receive(port_name, frame, now))
-                # STP off: BPDUs are forwarded like any multicast.
-            elif low == 0x01:
+            if low == 0x01:
                 port.drops["pause"] += 1
                 return []
-            elif not self.group_fwd_mask & (1 << low):
+            consumed = (low == 0x00 and self.stp_enabled) or (low != 0x00 and not self.group_fwd_mask & (1 << low))
+            if consumed:
+                # Passed up locally, not forwarded; the kernel still learns
+                # the source (__br_handle_local_finish).
+                self._learn_local(port, frame, src, now)
+                if low == 0x00:
+                    return self._count_tx(self.stp.receive(port_name, frame, now))
                 port.drops["link_local"] += 1
                 return []
+            # Otherwise forwarded: BPDUs with STP off, groups in group_fwd_mask.
 
         # port.up was checked above; without STP an up port forwards.
         state = self.stp.port_state(port_name) if self.stp_enabled else PortState.FORWARDING
@@ -403,7 +417,7 @@ class Bridge:
                     port.drops["runt"] += 1
                     return []
                 tci = frame[14] << 8 | frame[15]
-                vid, pcp = tci & 0x0FFF, tci >> 13
+                vid, pcp = tci & 0x0FFF, tci >> 12  # PCP and DEI travel on
                 inner = frame[:12] + frame[16:]  # the VID travels beside the frame
             if not vid:  # untagged, other TPID, or priority-tagged (VID 0)
                 if port.pvid is None:
@@ -431,8 +445,8 @@ class Bridge:
                 targets = [p for p in self.ports.values() if p.mcast_flood]
         else:
             entry = self._fdb.get((dst, vid))
-            if entry is not None and entry.port is None:
-                port.drops["to_host"] += 1  # addressed to the bridge itself
+            if dst in self._local_macs or (entry is not None and entry.kind == "permanent"):
+                port.drops["to_host"] += 1  # a local address: delivered to the host, not forwarded
                 return []
             if entry is not None and (not entry.ages or now - entry.updated < self._hold_time()):
                 target = self.ports.get(entry.port)
@@ -445,6 +459,20 @@ class Bridge:
             else:
                 targets = [p for p in self.ports.values() if p.flood]
         return self._egress(port, targets, inner, vid, pcp)
+
+    def _learn_local(self, port: Port, frame: bytes, src: bytes, now: float) -> None:
+        if not port.learning:
+            return
+        state = self.stp.port_state(port.name) if self.stp_enabled else PortState.FORWARDING
+        if state is not PortState.FORWARDING and state is not PortState.LEARNING:
+            return
+        vid = 0
+        if self.vlan_filtering:
+            vid = (frame[14] << 8 | frame[15]) & 0x0FFF if frame[12:14] == self._tpid_bytes and len(frame) >= 18 else 0
+            vid = vid or (port.pvid or 0)
+            if vid not in port.vlans:
+                return
+        self._learn(port, src, vid, now)
 
     def _egress(self, ingress: Port, targets: list[Port], frame: bytes, vid: int, pcp: int) -> list[tuple[str, bytes]]:
         out: list[tuple[str, bytes]] = []
@@ -462,7 +490,7 @@ class Bridge:
                 if untagged is None:
                     continue  # not a member of this VLAN
                 if not untagged:
-                    data = frame[:12] + self._tpid_bytes + ((pcp << 13) | vid).to_bytes(2, "big") + frame[12:]
+                    data = frame[:12] + self._tpid_bytes + ((pcp << 12) | vid).to_bytes(2, "big") + frame[12:]
             p.tx += 1
             out.append((p.name, data))
         return out

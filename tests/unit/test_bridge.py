@@ -81,6 +81,32 @@ def test_extern_learn_entries_roam_but_do_not_age():
     assert egress(br.receive("p3", eth(A, C), 100.0)) == ["p1"]
     br.receive("p2", eth(B, A), 101.0)
     assert egress(br.receive("p3", eth(A, C), 102.0)) == ["p2"]
+    # Having roamed it is an ordinary learned entry (as in the kernel): it ages.
+    br.tick(120.0)
+    assert egress(br.receive("p3", eth(A, C), 120.0)) == ["p1", "p2"]
+
+
+def test_static_entries_move_but_sticky_ones_do_not():
+    br = bridge("p1", "p2", "p3")
+    br.fdb_add(A, "p1", static=True)
+    br.receive("p2", eth(B, A), 0)
+    view = next(e for e in br.fdb() if e.mac == "02:00:00:00:00:0a")
+    assert (view.port, view.kind) == ("p2", "static")
+
+
+def test_port_addresses_and_permanent_entries_go_to_the_host():
+    br = bridge("p1", "p2", "p3")
+    port_mac = br.ports["p2"].mac
+    assert br.receive("p1", eth(port_mac, A), 0) == []
+    br.fdb_add(C, "p3", permanent=True)
+    assert br.receive("p1", eth(C, A), 1) == []
+    assert br.ports["p1"].drops["to_host"] == 2
+
+
+def test_link_local_frames_are_not_forwarded_but_teach_the_source():
+    br = bridge("p1", "p2", "p3")
+    assert br.receive("p1", eth(mac_from_str("01:80:c2:00:00:0e"), A), 0) == []
+    assert egress(br.receive("p2", eth(A, B), 1)) == ["p1"]  # A was learned from the LLDP frame
 
 
 def test_fdb_max_learned_caps_dynamic_entries():
@@ -257,7 +283,7 @@ def test_8021ad_bridge_uses_the_service_tag():
 def test_two_bridges_never_leak():
     br1, br2 = bridge("a1", "a2"), bridge("b1", "b2")
     br1.receive("a1", eth(BCAST, A), 0)
-    assert br2.fdb() and all(e.port is None for e in br2.fdb())  # only its own permanent entry
+    assert all(e.kind == "permanent" for e in br2.fdb())  # only its own local addresses
     assert egress(br2.receive("b1", eth(A, B), 1)) == ["b2"]
 
 
