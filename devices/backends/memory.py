@@ -61,6 +61,19 @@ class MemoryBackend:
             view[:] = data[offset : offset + n]
             offset += n
 
+    def readv_nowait(self, offset: int, buffers: list[memoryview]) -> bool:
+        """Memory never blocks: read at once (see RawFileBackend.readv_nowait)."""
+        if self._closed:
+            return False
+        views = byte_views(buffers, writable=True)
+        check_range(self.size, offset, total_length(views), "read")
+        data = memoryview(self._data)
+        for view in views:
+            n = view.nbytes
+            view[:] = data[offset : offset + n]
+            offset += n
+        return True
+
     async def writev(self, offset: int, buffers: list[memoryview]) -> None:
         self._check_open("write")
         check_writable(self.read_only, "write")

@@ -102,6 +102,11 @@ def _zero_fill(view: memoryview) -> None:
         view = view[take:]
 
 
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+#: largest read done on the caller's thread: a bigger copy would hold up the loop
+NOWAIT_LIMIT = 256 * 1024
+
+
 def _preadv_all(fd: int, offset: int, views: list[memoryview]) -> None:
     views = list(views)
     while views:
@@ -257,6 +262,29 @@ class RawFileBackend:
             raise BackendIOError(f"{what} on closed disk {self.path}")
         if length:
             await self._run(what, _preadv_all, self._fd, offset, views)
+
+    def readv_nowait(self, offset: int, buffers: list[memoryview]) -> bool:
+        """Read now, on the calling thread, if the data is in the page cache.
+
+        ``preadv2(RWF_NOWAIT)`` never blocks: it returns what is cached or
+        EAGAIN.  True means the buffers are filled; False means nothing
+        useful happened and the caller should use ``readv``.  A cached read
+        this way skips the thread-pool handoff, two thread wakeups that cost
+        more than the copy on this project's hosts.
+        """
+        if self._closed or not _RWF_NOWAIT:
+            return False
+        views = byte_views(buffers, writable=True)
+        length = total_length(views)
+        check_range(self.size, offset, length, "read")
+        if length > NOWAIT_LIMIT:
+            return False
+        try:
+            n = os.preadv(self._fd, views[:_IOV_MAX], offset, _RWF_NOWAIT)
+        except (BlockingIOError, OSError):
+            return False
+        # Partly cached, or at EOF: False lets the thread pool do it properly.
+        return n == length
 
     async def writev(self, offset: int, buffers: list[memoryview]) -> None:
         check_writable(self.read_only, f"write to {self.path}")

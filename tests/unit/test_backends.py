@@ -810,3 +810,17 @@ async def test_nbd_cancelled_read_does_not_break_the_connection():
             assert await read(backend, 0, 3) == b"abc"
         finally:
             await backend.close()
+
+
+async def test_raw_readv_nowait_serves_cached_data_at_once(tmp_path):
+    from aiokvm.devices.backends.raw import RawFileBackend
+
+    path = tmp_path / "cached.img"
+    path.write_bytes(bytes(range(256)) * 64)
+    backend = await RawFileBackend.open(str(path))
+    try:
+        buf = bytearray(4096)
+        assert backend.readv_nowait(4096, [memoryview(buf)])  # just written: in the page cache
+        assert bytes(buf) == (bytes(range(256)) * 16)
+    finally:
+        await backend.close()
