@@ -101,20 +101,21 @@ class GuestMemory:
         except OSError as exc:
             self.close()
             raise ConfigError(f"cannot allocate {size // MiB}M of guest memory: {exc.strerror}") from None
+        self._bounds = [(r.start, r.end, v) for r, v in zip(self.regions, self._views, strict=True)]
 
     # -- lookup ---------------------------------------------------------------
     def _locate(self, addr: int, length: int) -> tuple[memoryview, int]:
-        if length < 0 or addr < 0:
-            raise GuestMemoryError(addr, length)
-        for region, view in zip(self.regions, self._views, strict=True):
-            if region.start <= addr and addr + length <= region.end:
-                return view, addr - region.start
+        # On every device access: plain tuples, no property calls.
+        if length >= 0 and addr >= 0:
+            for start, end, view in self._bounds:
+                if start <= addr and addr + length <= end:
+                    return view, addr - start
         raise GuestMemoryError(addr, length)
 
     def contains(self, addr: int, length: int = 1) -> bool:
         if addr < 0 or length < 0:
             return False
-        return any(r.start <= addr and addr + length <= r.end for r in self.regions)
+        return any(start <= addr and addr + length <= end for start, end, _ in self._bounds)
 
     def ram_ranges(self) -> list[tuple[int, int]]:
         """``(start, size)`` of each RAM range, for the e820 map."""
@@ -175,6 +176,7 @@ class GuestMemory:
         return int(ffi.cast("uintptr_t", ffi.from_buffer(region.mapping)))
 
     def close(self) -> None:
+        self._bounds = []
         for view in self._views:
             view.release()
         self._views = []
