@@ -51,9 +51,9 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import uvloop
+from tsc import calibrate_tsc, cpuinfo_field
 
 import aiokvm
 from aiokvm import guests
@@ -73,31 +73,6 @@ GOALS = (
 LINE1_RE = re.compile(rb"diskbench: dev=(\S+) op=\S+ pattern=\S+ bs=(\d+) qd=(\d+) bytes=(\d+) "
                       rb"ticks=(\d+) tsc_hz=(\d+)")
 NOTIFIES_RE = re.compile(rb"diskbench: tsc_src=\S+ .*?notifies=(\d+)")
-
-TSC_CALIBRATOR = r"""
-#include <stdint.h>
-#include <stdio.h>
-#include <time.h>
-#include <x86intrin.h>
-static double wall(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC_RAW, &ts);
-	return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-int main(void)
-{
-	double w0 = wall(), w1;
-	uint64_t t0 = __rdtsc(), t1;
-	do {
-		w1 = wall();
-	} while (w1 - w0 < 0.25);
-	t1 = __rdtsc();
-	printf("%.0f\n", (t1 - t0) / (w1 - w0));
-	return 0;
-}
-"""
-
 
 # -- what is measured -------------------------------------------------------------------
 
@@ -372,30 +347,6 @@ def make_image(path: str) -> None:
     with open(path, "wb") as fh:
         for _ in range(IMAGE_BYTES >> 20):
             fh.write(os.urandom(1 << 20))
-
-
-def calibrate_tsc(tmp: str) -> tuple[float, str]:
-    """Host TSC ticks per second: rdtsc against CLOCK_MONOTONIC_RAW, median of 3; else /proc/cpuinfo."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc:
-        src, exe = os.path.join(tmp, "tsc.c"), os.path.join(tmp, "tsc")
-        Path(src).write_text(TSC_CALIBRATOR)
-        if subprocess.run([gcc, "-O2", "-o", exe, src], capture_output=True, check=False).returncode == 0:
-            values = [float(subprocess.run([exe], capture_output=True, text=True, check=True).stdout)
-                      for _ in range(3)]
-            return statistics.median(values), "rdtsc over 250 ms of CLOCK_MONOTONIC_RAW"
-    return float(cpuinfo_field("cpu MHz") or 0) * 1e6, "/proc/cpuinfo cpu MHz"
-
-
-def cpuinfo_field(name: str) -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == name:
-                return value.strip()
-    except OSError:
-        pass
-    return None
 
 
 def machine_info(tsc_hz: float, tsc_source: str, load_start: tuple) -> dict:

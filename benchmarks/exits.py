@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvloop
+from tsc import calibrate_tsc, cpuinfo_field
 
 import aiokvm
 from aiokvm import guests
@@ -70,31 +71,6 @@ SINK_MMIO = 0xD000_0000
 SLOW_MECHS = ("futex", "event", "lock")
 TWO_VCPU_MECHS = ("spin", "wake", "futex")
 CYCLES_RE = re.compile(rb"exitloop: (?:cpu \d+ )?cycles \d+ \((\d+) per exit\)")
-
-TSC_C = r"""
-#include <stdio.h>
-#include <stdint.h>
-#include <time.h>
-#include <x86intrin.h>
-static double now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC_RAW, &ts);
-	return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-int main(void)
-{
-	double t0 = now(), t1;
-	uint64_t c0 = __rdtsc(), c1;
-	do {
-		t1 = now();
-	} while (t1 - t0 < 0.2);
-	c1 = __rdtsc();
-	printf("%.0f\n", (c1 - c0) / (t1 - t0));
-	return 0;
-}
-"""
-
 
 # -- devices -------------------------------------------------------------------------
 
@@ -319,30 +295,8 @@ def build_tools(tmp: str) -> tuple[str | None, float | None, str | None]:
         c_exe = os.path.join(tmp, "exitloop")
         if subprocess.run([gcc, "-O2", "-o", c_exe, str(HERE / "c" / "exitloop.c")], check=False).returncode:
             c_exe = None
-        tsc_src, tsc_exe = os.path.join(tmp, "tsc.c"), os.path.join(tmp, "tsc")
-        Path(tsc_src).write_text(TSC_C)
-        if subprocess.run([gcc, "-O2", "-o", tsc_exe, tsc_src], check=False).returncode == 0:
-            values = [float(subprocess.run([tsc_exe], capture_output=True, text=True, check=True).stdout)
-                      for _ in range(3)]
-            tsc_hz, source = statistics.median(values), "rdtsc over 200 ms of CLOCK_MONOTONIC_RAW"
-    if tsc_hz is None:
-        tsc_hz, source = cpuinfo_mhz() * 1e6, "/proc/cpuinfo cpu MHz"
+    tsc_hz, source = calibrate_tsc(tmp)
     return c_exe, tsc_hz, source
-
-
-def cpuinfo_field(name: str) -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == name:
-                return value.strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpuinfo_mhz() -> float:
-    return float(cpuinfo_field("cpu MHz") or 0)
 
 
 def machine_info(tsc_hz: float, tsc_source: str) -> dict:

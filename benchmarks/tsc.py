@@ -1,0 +1,35 @@
+"""Host TSC frequency, shared by the benchmarks (the guests measure in TSC ticks)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def cpuinfo_field(name: str) -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def calibrate_tsc(tmp: str) -> tuple[float, str]:
+    """Ticks per second: ``benchmarks/c/tsc.c``, median of 3; else /proc/cpuinfo's cpu MHz."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc:
+        exe = os.path.join(tmp, "tsc")
+        if subprocess.run([gcc, "-O2", "-o", exe, str(HERE / "c" / "tsc.c")], capture_output=True,
+                          check=False).returncode == 0:
+            values = [float(subprocess.run([exe], capture_output=True, text=True, check=True).stdout)
+                      for _ in range(3)]
+            return statistics.median(values), "rdtsc over 250 ms of CLOCK_MONOTONIC_RAW"
+    return float(cpuinfo_field("cpu MHz") or 0) * 1e6, "/proc/cpuinfo cpu MHz"
