@@ -41,7 +41,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -53,7 +52,7 @@ import time
 from dataclasses import dataclass, field
 
 import uvloop
-from tsc import calibrate_tsc, cpuinfo_field
+from hostinfo import calibrate_tsc, machine_info
 
 import aiokvm
 from aiokvm import guests
@@ -349,27 +348,6 @@ def make_image(path: str) -> None:
             fh.write(os.urandom(1 << 20))
 
 
-def machine_info(tsc_hz: float, tsc_source: str, load_start: tuple) -> dict:
-    qemu = shutil.which("qemu-system-x86_64")
-    qemu_version = None
-    if qemu:
-        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout
-        qemu_version = out.splitlines()[0] if out else None
-    return {
-        "cpu_model": cpuinfo_field("model name"),
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "nested": "hypervisor" in (cpuinfo_field("flags") or "").split(),
-        "tsc_hz": round(tsc_hz),
-        "tsc_source": tsc_source,
-        "python": platform.python_version(),
-        "uvloop": uvloop.__version__,
-        "qemu": qemu_version,
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
-    }
-
-
 # -- report -------------------------------------------------------------------------------------
 
 
@@ -588,7 +566,7 @@ def main() -> None:
         finally:
             bench.close()
 
-    info = machine_info(tsc_hz, tsc_source, load_start)
+    info = machine_info(tsc_hz, tsc_source, loadavg_start=load_start)
     rows = summarize(specs, bench.baselines)
     found = goals(rows)
     print_table(rows, found, info, repeat)

@@ -41,7 +41,6 @@ import asyncio
 import inspect
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -54,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvloop
-from tsc import calibrate_tsc, cpuinfo_field
+from hostinfo import calibrate_tsc, machine_info
 
 import aiokvm
 from aiokvm import guests
@@ -299,28 +298,6 @@ def build_tools(tmp: str) -> tuple[str | None, float | None, str | None]:
     return c_exe, tsc_hz, source
 
 
-def machine_info(tsc_hz: float, tsc_source: str) -> dict:
-    flags = (cpuinfo_field("flags") or "").split()
-    qemu = shutil.which("qemu-system-x86_64")
-    qemu_version = None
-    if qemu:
-        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout
-        qemu_version = out.splitlines()[0] if out else None
-    return {
-        "cpu_model": cpuinfo_field("model name"),
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "nested": "hypervisor" in flags,
-        "tsc_hz": round(tsc_hz),
-        "tsc_source": tsc_source,
-        "python": platform.python_version(),
-        "uvloop": uvloop.__version__,
-        "qemu": qemu_version,
-        "default_handoff": DEFAULT_HANDOFF,
-        "loadavg_end": os.getloadavg(),
-    }
-
-
 # -- report -------------------------------------------------------------------------------
 
 
@@ -449,7 +426,7 @@ def main() -> None:
         finally:
             bench.close()
 
-    info = machine_info(tsc_hz, tsc_source)
+    info = machine_info(tsc_hz, tsc_source, default_handoff=DEFAULT_HANDOFF)
     info["loadavg_start"] = load_start
     rows = summarize(specs)
     print_table(rows, info)

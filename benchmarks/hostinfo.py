@@ -1,8 +1,9 @@
-"""Host TSC frequency, shared by the benchmarks (the guests measure in TSC ticks)."""
+"""What the benchmarks record about the host: TSC frequency (guests measure in TSC ticks) and machine facts."""
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -33,3 +34,27 @@ def calibrate_tsc(tmp: str) -> tuple[float, str]:
                       for _ in range(3)]
             return statistics.median(values), "rdtsc over 250 ms of CLOCK_MONOTONIC_RAW"
     return float(cpuinfo_field("cpu MHz") or 0) * 1e6, "/proc/cpuinfo cpu MHz"
+
+
+def machine_info(tsc_hz: float, tsc_source: str, **extra) -> dict:
+    """CPU, kernel, nesting, TSC, Python/uvloop/QEMU versions and load: the header of every result."""
+    import uvloop
+
+    qemu = shutil.which("qemu-system-x86_64")
+    qemu_version = None
+    if qemu:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout
+        qemu_version = out.splitlines()[0] if out else None
+    return {
+        "cpu_model": cpuinfo_field("model name"),
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "nested": "hypervisor" in (cpuinfo_field("flags") or "").split(),
+        "tsc_hz": round(tsc_hz),
+        "tsc_source": tsc_source,
+        "python": platform.python_version(),
+        "uvloop": uvloop.__version__,
+        "qemu": qemu_version,
+        **extra,
+        "loadavg_end": os.getloadavg(),
+    }
