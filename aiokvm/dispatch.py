@@ -24,15 +24,12 @@ import structlog
 
 from .bus import Bus, HandlerMode, Region
 from .cpu.exits import Direction, IoExit
+from .cpu.kvm import decode_exit
 from .errors import DeviceError
 from .handoff import MASKS
 from .kvm import ffi, lib
 
 log = structlog.get_logger("aiokvm.dispatch")
-
-
-def _mask(size: int) -> int:
-    return (1 << (8 * size)) - 1
 
 
 class Dispatcher:
@@ -121,15 +118,9 @@ def _direct_handler(region: Region):
 def _string_io(region: Region, ctx) -> int:
     """String I/O: decode from kvm_run, dispatch per element, write the reads back."""
     run = ctx.run
-    base = ffi.cast("uint8_t *", run)
-    io = run.io
-    direction = Direction(io.direction)
-    data = b""
-    if direction is Direction.OUT:
-        data = bytes(ffi.buffer(base + io.data_offset, io.size * io.count))
-    result = perform_io(region, IoExit(io.port, io.size, direction, io.count, data))
+    result = perform_io(region, decode_exit(run))
     if result:
-        ffi.memmove(base + io.data_offset, result, len(result))
+        ffi.memmove(ffi.cast("uint8_t *", run) + run.io.data_offset, result, len(result))
     return 0
 
 
@@ -169,7 +160,7 @@ def perform_io(region: Region, exit: IoExit) -> bytes:
                 for i in range(0, size * exit.count, size):
                     device.write(offset, size, int.from_bytes(data[i:i + size], "little"))
             return b""
-        mask = _mask(size)
+        mask = MASKS[size]
         if exit.count == 1:
             return (device.read(offset, size) & mask).to_bytes(size, "little")
         return b"".join((device.read(offset, size) & mask).to_bytes(size, "little") for _ in range(exit.count))
