@@ -11,6 +11,12 @@ call:
 - ``loop_handlers[id](packed, ctx)`` on the asyncio loop, for loop-hosted
   accesses posted by the C loop (``SlotServer`` in handoff.py).
 
+The vCPU thread's hottest cases, a one-element write or read, skip even
+that closure: ``vcpu_tables(ctx)`` gives it per-region ``write(offset,
+size, value)`` and ``read(offset, size)`` callables, which for an inline
+region are the device's own bound methods (one Python call per exit), and
+``failure()`` names the device when one raises.
+
 A one-element access (at most 8 bytes) travels as integers.  String I/O
 (``rep ins/outs``, ``count > 1``) is decoded from ``kvm_run`` and dispatched
 element by element within the one exit (``perform_io``).
@@ -50,8 +56,44 @@ class Dispatcher:
         self.vcpu_handlers: list = []
         #: per region id: what the loop calls for a posted access
         self.loop_handlers: list = []
+        #: per region id: the device's write(offset, size, value) / read(offset, size), for the loop
+        self.loop_writes: list = []
+        self.loop_reads: list = []
+        #: (ctx, writes, reads) of every vCPU thread, refilled on bus changes
+        self._vcpu_tables: list[tuple] = []
         bus.on_change(self._rebuild)
         self._rebuild()
+
+    def vcpu_tables(self, ctx) -> tuple[list, list]:
+        """Per region id, ``write(offset, size, value)`` and ``read(offset, size)`` for vCPU ``ctx``.
+
+        The lists are updated in place when the bus changes.
+        """
+        writes: list = []
+        reads: list = []
+        self._vcpu_tables.append((ctx, writes, reads))
+        self._fill_vcpu_tables(ctx, writes, reads)
+        return writes, reads
+
+    def _fill_vcpu_tables(self, ctx, writes: list, reads: list) -> None:
+        w, r = [], []
+        for region, handler in zip(self.bus.regions_by_id, self.vcpu_handlers, strict=True):
+            if region is None:
+                w.append(_ignore_write)
+                r.append(_float_high)
+            elif handler is self._direct[region.id]:
+                w.append(region.device.write)
+                r.append(region.device.read)
+            else:  # handed off to the loop: the packed access is in ctx
+                w.append(_packed_write(handler, ctx))
+                r.append(_packed_read(handler, ctx))
+        writes[:] = w
+        reads[:] = r
+
+    def failure(self, packed: int, ctx, exc: Exception) -> DeviceError:
+        """The error for a device that raised ``exc`` on the access ``packed`` of vCPU ``ctx``."""
+        region = self.bus.regions_by_id[(packed >> 10) & 1023]
+        return _device_failure(region, _describe(ctx.kind, ctx.addr, ctx.size), exc)
 
     def _rebuild(self) -> None:
         direct = [_direct_handler(r) if r is not None else _gone for r in self.bus.regions_by_id]
@@ -60,8 +102,14 @@ class Dispatcher:
             if region is not None and region.mode is HandlerMode.LOOP and self.handoff is not None:
                 handler = self._handed_off(handler)
             vcpu.append(handler)
+        self._direct = direct
         self.loop_handlers[:] = direct
+        regions = self.bus.regions_by_id
+        self.loop_writes[:] = [r.device.write if r is not None else _ignore_write for r in regions]
+        self.loop_reads[:] = [r.device.read if r is not None else _float_high for r in regions]
         self.vcpu_handlers[:] = vcpu
+        for ctx, writes, reads in self._vcpu_tables:
+            self._fill_vcpu_tables(ctx, writes, reads)
 
     def _handed_off(self, handler):
         handoff = self.handoff
@@ -82,6 +130,28 @@ class Dispatcher:
                 ctx.sleep_wait_ns += waited
 
         return call
+
+
+def _ignore_write(offset: int, size: int, value: int) -> None:
+    pass  # the region was unregistered while an access to it was in flight
+
+
+def _float_high(offset: int, size: int) -> int:
+    return MASKS[size]
+
+
+def _packed_write(handler, ctx):
+    def write(offset: int, size: int, value: int) -> None:
+        handler(ctx.packed, ctx)
+
+    return write
+
+
+def _packed_read(handler, ctx):
+    def read(offset: int, size: int) -> int:
+        return handler(ctx.packed, ctx)
+
+    return read
 
 
 def _gone(packed: int, ctx) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 
 import structlog
 
-from .errors import HandoffCancelled
+from .errors import AiokvmError, HandoffCancelled
 from .kvm import ffi, lib
 
 log = structlog.get_logger("aiokvm.handoff")
@@ -42,6 +42,7 @@ DEFAULT_HANDOFF = "spin"
 C_MECHANISMS = {"spin": lib.AIOKVM_MECH_SPIN, "wake": lib.AIOKVM_MECH_WAKE, "futex": lib.AIOKVM_MECH_FUTEX}
 PYTHON_MECHANISMS = ("event", "lock")
 HANDOFFS = tuple(C_MECHANISMS) + PYTHON_MECHANISMS
+_ALL_ONES = (1 << 64) - 1  # a read result keeps its low size bytes (C copies only those)
 MASKS = (0, 0xFF, 0xFFFF, 0xFFFFFF, 0xFFFFFFFF, (1 << 40) - 1, (1 << 48) - 1, (1 << 56) - 1, (1 << 64) - 1)
 
 
@@ -202,7 +203,9 @@ class SlotServer:
 
     def _serve_burst(self, spin_ns: int, limit: int) -> int:
         """Serve posted accesses until none comes within ``spin_ns`` (or ``limit``)."""
-        nxt, handlers, ctxs, dispatcher = lib.aiokvm_hub_next, self._handlers, self._ctxs, self._dispatcher
+        nxt, ctxs, dispatcher = lib.aiokvm_hub_next, self._ctxs, self._dispatcher
+        handlers, writes, reads = self._handlers, dispatcher.loop_writes, dispatcher.loop_reads
+        pre_serve = dispatcher.pre_serve  # read once per burst
         hub = self.hub
         done, value, served = ffi.NULL, 0, 0
         while served < limit:
@@ -211,12 +214,25 @@ class SlotServer:
             if index < 0:
                 break
             ctx = ctxs[index]
+            packed = ctx.packed
             try:
-                if dispatcher.pre_serve is not None:
-                    dispatcher.pre_serve()
-                packed = ctx.packed
-                value = handlers[(packed >> 10) & 1023](packed, ctx)
+                if pre_serve is not None:
+                    pre_serve()
+                # One-element writes and reads call the device directly (see
+                # the packing in _vcpu_loop.h); string I/O goes through handlers.
+                op = packed & 0x30
+                if op == 0x10:
+                    writes[(packed >> 10) & 1023](packed >> 20, (packed >> 6) & 15, ctx.value)
+                    value = 0
+                elif op == 0:
+                    value = reads[(packed >> 10) & 1023](packed >> 20, (packed >> 6) & 15) & _ALL_ONES
+                else:
+                    value = handlers[(packed >> 10) & 1023](packed, ctx)
             except BaseException as exc:  # a device failed: the machine stops
+                if isinstance(exc, Exception) and not isinstance(exc, AiokvmError):
+                    wrapped = dispatcher.failure(packed, ctx, exc)
+                    wrapped.__cause__ = exc
+                    exc = wrapped
                 lib.aiokvm_cancel(ctx)
                 self._on_error(exc)
                 continue

@@ -32,7 +32,7 @@ from .kernel_paths import CoalescedRing, IoEvent, IoEventFd, IrqFd
 from .kvm import Kvm
 from .kvm.stats import KvmStats
 from .memory import GuestMemory
-from .metrics import STATS_SCHEMA, LatencyRecorder, merge_counts, mode_split, vcpu_stats
+from .metrics import STATS_SCHEMA, merge_counts, mode_split, vcpu_stats
 from .procstat import diff, read_thread_times_precise
 
 log = structlog.get_logger("aiokvm.machine")
@@ -70,7 +70,7 @@ class Machine:
         handoff: str = DEFAULT_HANDOFF,
         spin_us: float = 200.0,
         poll_window_us: float = 500.0,
-        sample_every: int = 16,
+        sample_every: int = 1,
         serial_output: Any = None,
         serial_input: Any = None,
         name: str | None = None,
@@ -152,8 +152,6 @@ class Machine:
             vcpu.set_cpuid2(_cpuid_for(supported, index, self.vcpu_count))
         if self.kvm.check_extension("BINARY_STATS_FD"):
             self._kvm_stats = [KvmStats.for_vcpu(vcpu) for vcpu in self.vcpus]
-        self._latency: list[LatencyRecorder] = []
-        self._drain_handle: asyncio.TimerHandle | None = None
         self._ioeventfds: list[tuple[Region, IoEventFd]] = []
         self._irqfds: list[IrqFd] = []
         self._coalesced: CoalescedRing | None = None
@@ -443,8 +441,6 @@ class Machine:
                 on_error=self._on_loop_error, poll_window_us=self._poll_window_us,
             )
             self._slot_server.start()
-        self._latency = [LatencyRecorder() for _ in self._threads]
-        self._schedule_drain()
         if self._coalesced is not None:
             self._schedule_coalesced()
         try:
@@ -461,11 +457,9 @@ class Machine:
             await self._join_vcpus()
             if self._slot_server is not None:
                 self._slot_server.close()
-            for handle in (self._drain_handle, self._coalesced_handle):
-                if handle is not None:
-                    handle.cancel()
-            self._drain_handle = self._coalesced_handle = None
-            self._drain_samples()
+            if self._coalesced_handle is not None:
+                self._coalesced_handle.cancel()
+                self._coalesced_handle = None
             self._drain_kernel_paths()
             self.console.drain()
             self._running = False
@@ -619,28 +613,18 @@ class Machine:
         for _, efd in self._ioeventfds:
             efd.drain()
 
-    def _schedule_drain(self) -> None:
-        self._drain_samples()
-        self._drain_handle = self._loop.call_later(0.25, self._schedule_drain)
-
-    def _drain_samples(self) -> None:
-        for thread, recorder in zip(self._threads, self._latency, strict=True):
-            recorder.drain(thread.ctx)
-
     def stats(self) -> dict:
         """Counters, latency percentiles, mode split and KVM's own counters, as plain data.
 
         The schema (``"aiokvm.stats/1"``) is documented in docs/stats-schema.md.
         """
-        if self._threads and self._latency:
-            self._drain_samples()
         vcpus = []
         for i, thread in enumerate(self._threads):
             kvm = self._kvm_stats[i].read() if i < len(self._kvm_stats) and not self._closed else {}
             kvm = {k: v for k, v in kvm.items() if isinstance(v, int)}
             vcpus.append(vcpu_stats(
                 thread, self.bus, kvm=kvm, modes=self._modes(thread),
-                latency=self._latency[i].summary() if i < len(self._latency) else None,
+                latency=thread.latency.summary(),
             ))
         unclaimed = {
             "pio": {"reads": sum(v["unclaimed"]["pio_reads"] for v in vcpus),

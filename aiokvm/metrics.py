@@ -7,9 +7,9 @@ Sources, cheapest first:
   time spent in KVM_RUN, waiting for loop-hosted handlers, and in Python.
   Each vCPU thread is the only writer of its counters, so the hot path takes
   no lock; readers tolerate a slightly stale value.
-- **Latency samples**: the C loop timestamps every handled exit and keeps one
-  of every ``sample_every`` in a ring; ``LatencyRecorder`` drains the ring
-  into HDR histograms (``hdrhistogram``) off the hot path.
+- **Latency**: the C loop timestamps every handled exit and records one of
+  every ``sample_every`` (default: all) into C arrays laid out as
+  ``hdrhistogram`` buckets (``LatencyHistograms``); no ring, no drain.
 - **/proc/self/task/<tid>/stat** for guest / user / kernel time per vCPU
   thread (``procstat.py``), and **KVM's binary stats** (``kvm/stats.py``).
 
@@ -42,58 +42,66 @@ class VcpuMetrics:
     exits: Counter = field(default_factory=Counter)
 
 
-class LatencyRecorder:
-    """Drains one vCPU's sample ring into three HDR histograms (nanoseconds)."""
+class LatencyHistograms:
+    """One vCPU's three latency histograms (nanoseconds), recorded by the C loop.
 
-    BATCH = 1024
+    Each ``HdrHistogram`` lends its bucket layout to a ``struct aiokvm_hist``
+    in the vCPU context; the C loop increments a C array in that layout for
+    every recorded exit (a few instructions, no GIL, no sampling ring), and
+    ``summary()`` folds the non-zero buckets into fresh histograms, so the
+    library does the percentiles.  Exact sums, maxima and counts come from C.
+    """
 
-    def __init__(self) -> None:
-        self.histograms = {name: HdrHistogram(1, HIST_MAX_NS, 3) for name in LATENCIES}
-        self._buffer = ffi.new("struct aiokvm_sample[]", self.BATCH)
-        self.samples = 0
-        # Exact sums for the means: hdrhistogram's get_mean_value walks every
-        # bucket (tens of ms per call).
-        self._sums = dict.fromkeys(LATENCIES, 0)
+    SIGNIFICANT_FIGURES = 3
 
-    def drain(self, ctx) -> int:
-        """Move every pending sample from ``ctx`` into the histograms."""
-        total = 0
-        a, b, c = (self.histograms[name] for name in LATENCIES)
-        buf = self._buffer
-        while True:
-            n = lib.aiokvm_drain_samples(ctx, buf, self.BATCH)
-            sums = self._sums
-            for i in range(n):
-                s = buf[i]
-                x, y, z = max(s.exit_to_start_ns, 1), max(s.handler_ns, 1), max(s.end_to_entry_ns, 1)
-                a.record_value(x)
-                b.record_value(y)
-                c.record_value(z)
-                sums["exit_to_handler"] += x
-                sums["handler"] += y
-                sums["handler_to_entry"] += z
-            total += n
-            if n < self.BATCH:
-                break
-        self.samples += total
-        return total
+    def __init__(self, ctx) -> None:
+        self._ctx = ctx
+        self._counts = []  # keeps the C arrays alive as long as ctx uses them
+        for k, _name in enumerate(LATENCIES):
+            layout = self._new_histogram()
+            counts = ffi.new("uint64_t[]", layout.counts_len)
+            self._counts.append(counts)
+            h = ctx.hist[k]
+            h.len = layout.counts_len
+            h.sub_mask = layout.sub_bucket_mask
+            h.half_mag = layout.sub_bucket_half_count_magnitude
+            h.unit_mag = layout.unit_magnitude
+            h.half_count = layout.sub_bucket_half_count
+            h.counts = counts
+
+    @classmethod
+    def _new_histogram(cls) -> HdrHistogram:
+        return HdrHistogram(1, HIST_MAX_NS, cls.SIGNIFICANT_FIGURES)
+
+    def histogram(self, name: str) -> HdrHistogram:
+        """A snapshot of one component as an ``HdrHistogram``."""
+        k = LATENCIES.index(name)
+        hist = self._new_histogram()
+        counts = self._counts[k]
+        keys = ffi.new("uint32_t[]", len(counts))
+        values = ffi.new("uint64_t[]", len(counts))
+        n = lib.aiokvm_nonzero(counts, len(counts), keys, values, len(counts))
+        for i in range(n):
+            hist.record_value(hist.get_value_from_index(keys[i]), values[i])
+        return hist
 
     def summary(self) -> dict:
         out = {}
-        for name, hist in self.histograms.items():
-            if hist.get_total_count() == 0:
+        for k, name in enumerate(LATENCIES):
+            c = self._ctx.hist[k]
+            count = int(c.total)
+            if count == 0:
                 out[name] = {"count": 0}
                 continue
-            count = hist.get_total_count()
-            p = hist.get_percentile_to_value_dict(list(PERCENTILES))  # one pass for all
+            p = self.histogram(name).get_percentile_to_value_dict(list(PERCENTILES))  # one pass for all
             out[name] = {
                 "count": count,
                 "p50_us": p[50.0] / 1000,
                 "p90_us": p[90.0] / 1000,
                 "p99_us": p[99.0] / 1000,
                 "p999_us": p[99.9] / 1000,
-                "max_us": hist.get_max_value() / 1000,
-                "mean_us": self._sums[name] / count / 1000,
+                "max_us": int(c.max) / 1000,
+                "mean_us": int(c.sum) / count / 1000,
             }
         return out
 
@@ -102,7 +110,7 @@ def pio_counts(counts) -> dict[str, int]:
     """Non-zero per-port exit counts as ``{"0x80/out": n}``."""
     keys = ffi.new("uint32_t[]", 4096)
     values = ffi.new("uint64_t[]", 4096)
-    n = lib.aiokvm_pio_nonzero(counts, keys, values, 4096)
+    n = lib.aiokvm_nonzero(counts, 0x20000, keys, values, 4096)
     out = {}
     for i in range(n):
         key = keys[i]

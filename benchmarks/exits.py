@@ -28,10 +28,16 @@ Paths, at each CPL (``--cpl 0,3``), one vCPU unless noted:
 All paths are run interleaved over ``--repeat`` rounds and the median is
 reported, with CPU seconds per exit (getrusage) and vCPU 0's mode split
 (guest/user/kernel/wait fractions of its wall time) where aiokvm has it.
+
+Ratios are paired: this host's speed drifts by tens of percent over
+minutes (a shared, nested machine), so every sample is divided by the mean
+of the C baseline runs just before and just after it (a C run is repeated
+whenever the last one is over ``--pair-s`` old), and a row's ratio is the
+median of its samples' ratios.  ``best`` is min(row) / min(C).
 It measures and reports; it asserts nothing.
 
     python benchmarks/exits.py [--n 20000] [--repeat 5] [--cpl 0,3] [--quick]
-                               [--only PATH,...] [--json out.json]
+                               [--pair-s 1.0] [--only PATH,...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -70,6 +76,9 @@ SINK_MMIO = 0xD000_0000
 SLOW_MECHS = ("futex", "event", "lock")
 TWO_VCPU_MECHS = ("spin", "wake", "futex")
 CYCLES_RE = re.compile(rb"exitloop: (?:cpu \d+ )?cycles \d+ \((\d+) per exit\)")
+BATCH_RE = re.compile(rb"exitloop: batches \d+ of \d+, median (\d+) per exit")
+#: the one-vCPU guest times this many batches and reports their median
+BATCHES = 100
 
 # -- devices -------------------------------------------------------------------------
 
@@ -113,6 +122,8 @@ def cmdline(n: int, cpl: int, mmio: bool = False, vcpus: int = 1) -> str:
     parts = [f"n={n}", f"port={SINK_PORT:#x}", "tsc=1"]
     if vcpus > 1:
         parts.append(f"cpus={vcpus}")
+    elif n >= BATCHES:
+        parts.append(f"batch={n // BATCHES}")
     if mmio:
         parts.append(f"mmio={SINK_MMIO:#x}")
     if cpl == 3:
@@ -167,9 +178,15 @@ def cpu_seconds(who: int) -> float:
 
 
 def parse_cycles(output: bytes) -> int | None:
-    """Cycles per exit; with several vCPUs, the mean of their figures."""
+    """Mean cycles per exit; with several vCPUs, the mean of their figures."""
     values = [int(v) for v in CYCLES_RE.findall(output)]
     return round(statistics.mean(values)) if values else None
+
+
+def parse_batch_median(output: bytes) -> int | None:
+    """The median batch's cycles per exit (one-vCPU runs), or None."""
+    match = BATCH_RE.search(output)
+    return int(match.group(1)) if match else None
 
 
 def run_process(cmd: list[str], timeout: float = 300) -> tuple[bytes, float, float]:
@@ -225,7 +242,8 @@ async def run_vm(spec: Spec) -> dict:
     cycles = parse_cycles(output)
     if cycles is None or status.code != 0:
         raise RuntimeError(f"guest ended {status} without a cycles line")
-    return {"cycles": cycles, "exits": spec.n * spec.vcpus, "wall_s": wall, "cpu_s": cpu,
+    return {"cycles": cycles, "median_cycles": parse_batch_median(output),
+            "exits": spec.n * spec.vcpus, "wall_s": wall, "cpu_s": cpu,
             "modes": mode_fractions(stats),
             "delivered": sink.writes if spec.setup != "none" else None, "paths": stats.get("paths"),
             "idle_sleeps": (stats.get("loop") or {}).get("idle_sleeps")}
@@ -247,6 +265,12 @@ class Bench:
     def us(self, cycles_per_exit: int) -> float:
         return cycles_per_exit / self.tsc_hz * 1e6
 
+    def per_exit(self, mean_cycles: int, median_cycles: int | None) -> dict:
+        """``us``: the median batch where the guest timed batches (else the mean); ``us_mean``: all exits."""
+        mean = self.us(mean_cycles)
+        return {"us": self.us(median_cycles) if median_cycles else mean, "us_mean": mean,
+                "batched": bool(median_cycles)}
+
     def zero_run(self, key: tuple) -> dict:
         kind, cpl, vcpus = key
         if kind == "qemu":
@@ -258,26 +282,33 @@ class Bench:
         return sample
 
     def measure(self, spec: Spec) -> dict:
+        start = time.perf_counter()
+        sample = self._measure(spec)
+        sample["t"] = (start + time.perf_counter()) / 2  # when, for pairing with C runs
+        return sample
+
+    def _measure(self, spec: Spec) -> dict:
         if spec.kind == "c":
             out, wall, cpu = run_process([self.c_exe, self.elf, cmdline(spec.n, spec.cpl), "64"])
             cycles = parse_cycles(out)
             if cycles is None:
                 raise RuntimeError(f"C baseline printed no cycles line: {out[-200:]!r}")
-            return {"us": self.us(cycles), "wall_s": wall, "cpu_s": cpu, "exits": spec.n}
+            return {**self.per_exit(cycles, parse_batch_median(out)), "wall_s": wall, "cpu_s": cpu,
+                    "exits": spec.n}
         if spec.kind == "qemu":
             zero = self.zero_run(("qemu", spec.cpl, 1))
             out, wall, cpu = run_process(qemu_cmd(self.elf, cmdline(spec.n, spec.cpl)))
             cycles = parse_cycles(out)
             if cycles is None:
                 raise RuntimeError(f"QEMU guest printed no cycles line: {out[-200:]!r}")
-            return {"us": self.us(cycles), "wall_s": wall, "exits": spec.n,
+            return {**self.per_exit(cycles, parse_batch_median(out)), "wall_s": wall, "exits": spec.n,
                     # whole-process cost minus a zero-exit run, per exit
                     "us_process": (wall - zero["wall_s"]) / spec.n * 1e6,
                     "cpu_s": max(cpu - zero["cpu_s"], 0.0)}
         loop = self.loops[spec.loop]
         if spec.kind == "vm":
             sample = loop.run_until_complete(run_vm(spec))
-            sample["us"] = self.us(sample["cycles"])
+            sample.update(self.per_exit(sample["cycles"], sample["median_cycles"]))
             return sample
         raise ValueError(f"unknown kind {spec.kind}")
 
@@ -306,25 +337,67 @@ def median_of(samples: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def c_reference(c_samples: list[dict], t: float, key: str) -> float | None:
+    """Mean ``key`` of the C samples taken just before and just after time ``t``."""
+    before = [s for s in c_samples if s["t"] <= t]
+    after = [s for s in c_samples if s["t"] > t]
+    near = ([before[-1]] if before else []) + ([after[0]] if after else [])
+    return statistics.mean(s[key] for s in near) if near else None
+
+
+def sample_key(sample: dict, statistic: str) -> str:
+    # Rows whose guest timed no batches (several vCPUs) compare mean with mean.
+    return "us_mean" if statistic == "mean" or not sample.get("batched") else "us"
+
+
+def paired_ratios(samples: list[dict], c_samples: list[dict], statistic: str) -> list[float]:
+    ratios = []
+    for sample in samples:
+        key = sample_key(sample, statistic)
+        ref = c_reference(c_samples, sample["t"], key)
+        if ref:
+            ratios.append(sample[key] / ref)
+    return ratios
+
+
+def median_ratio(values: list[float], is_c: bool) -> float | None:
+    if is_c:
+        return 1.0
+    return round(statistics.median(values), 3) if values else None
+
+
 def summarize(specs: list[Spec]) -> list[dict]:
-    c_us = {s.cpl: median_of(s.samples, "us") for s in specs if s.path == "c"}
-    # Best-of-runs: on a shared, nested host noise only ever adds time, so the
-    # minimum estimates the intrinsic cost; both are reported.
-    c_min = {s.cpl: min((x["us"] for x in s.samples), default=None) for s in specs if s.path == "c"}
+    c_all = {s.cpl: sorted(s.samples, key=lambda x: x["t"]) for s in specs if s.path == "c"}
     rows = []
     for spec in specs:
         us = median_of(spec.samples, "us")
-        base = c_us.get(spec.cpl)
+        is_c = spec.path == "c"
+        ratios = [] if is_c else paired_ratios(spec.samples, c_all.get(spec.cpl, []), "median")
+        mean_ratios = [] if is_c else paired_ratios(spec.samples, c_all.get(spec.cpl, []), "mean")
+        c_samples = c_all.get(spec.cpl, [])
+        best = None
+        if spec.samples and c_samples:
+            # Best-of-runs: on a shared, nested host noise only ever adds
+            # time, so the minimum estimates the intrinsic cost.
+            key = sample_key(spec.samples[0], "median")
+            best = min(x[key] for x in spec.samples) / min(x[key] for x in c_samples)
+
         row = {
             "path": spec.path, "label": spec.label, "loop": spec.loop, "cpl": spec.cpl, "vcpus": spec.vcpus,
             "handoff": spec.handoff or (DEFAULT_HANDOFF if spec.kind == "vm" else None),
             "n": spec.n, "runs": len(spec.samples),
+            # per exit: the guest's median batch (one vCPU), else the mean over all exits
+            "statistic": "median-batch" if spec.samples and spec.samples[0].get("batched") else "mean",
             "us_per_exit": round(us, 3) if us is not None else None,
+            "us_per_exit_mean": round(median_of(spec.samples, "us_mean"), 3) if spec.samples else None,
             "us_per_exit_min": round(min(s["us"] for s in spec.samples), 3) if spec.samples else None,
-            "ratio_to_c": round(us / base, 3) if us is not None and base else None,
-            "ratio_to_c_min": (round(min(x["us"] for x in spec.samples) / c_min[spec.cpl], 3)
-                               if spec.samples and c_min.get(spec.cpl) else None),
+            "ratio_to_c": median_ratio(ratios, is_c and bool(spec.samples)),
+            "ratio_to_c_mean": median_ratio(mean_ratios, is_c and bool(spec.samples)),
+            "ratio_to_c_min": round(best, 3) if best is not None else None,
             "cpu_s_per_exit_us": None, "wall_s": None, "mode_split": None,
+            # every run, in order, and its ratio to the C runs around it
+            "samples_us": [round(x["us"], 3) for x in spec.samples],
+            "paired_ratios": [round(r, 3) for r in ratios],
         }
         if spec.samples:
             row["wall_s"] = round(median_of(spec.samples, "wall_s"), 4)
@@ -357,7 +430,8 @@ def print_table(rows: list[dict], info: dict) -> None:
     print(f"# {info['cpu_model']}, {info['cores']} CPUs, Linux {info['kernel']}"
           f"{' (nested)' if info['nested'] else ''}, TSC {info['tsc_hz'] / 1e9:.3f} GHz, "
           f"load {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}")
-    head = (f"{'path':<18}{'loop':<9}{'cpl':>3}{'vcpu':>5}{'n':>7}{'us/exit':>10}{'x c':>7}{'best':>6}{'cpu us':>8}"
+    head = (f"{'path':<18}{'loop':<9}{'cpl':>3}{'vcpu':>5}{'n':>7}{'us/exit':>10}{'x c':>7}{'mean':>6}{'best':>6}"
+            f"{'cpu us':>8}"
             f"{'guest':>7}{'user':>6}{'kern':>6}{'wait':>6}  note")
     print(head)
     print("-" * len(head))
@@ -371,13 +445,21 @@ def print_table(rows: list[dict], info: dict) -> None:
         elif row.get("errors"):
             note = (note + "  " if note else "") + f"errors: {row['errors'][0][:60]}"
         print(f"{row['label']:<18}{row['loop']:<9}{row['cpl']:>3}{row['vcpus']:>5}{row['n']:>7}"
-              f"{fmt(row['us_per_exit']):>10}{fmt(row['ratio_to_c']):>7}{fmt(row['ratio_to_c_min']):>6}"
+              f"{fmt(row['us_per_exit']):>10}{fmt(row['ratio_to_c']):>7}{fmt(row['ratio_to_c_mean']):>6}"
+              f"{fmt(row['ratio_to_c_min']):>6}"
               f"{fmt(row['cpu_s_per_exit_us']):>8}"
               f"{fmt(split.get('guest')):>7}{fmt(split.get('user')):>6}{fmt(split.get('kernel')):>6}"
               f"{fmt(split.get('wait')):>6}  {note}".rstrip())
 
 
 # -- main ----------------------------------------------------------------------------------
+
+
+def measure_into(bench: Bench, spec: Spec) -> None:
+    try:
+        spec.samples.append(bench.measure(spec))
+    except Exception as exc:  # measured, not asserted: keep going
+        spec.errors.append(f"{type(exc).__name__}: {exc}")
 
 
 def selected(spec: Spec, only: set[str] | None) -> bool:
@@ -391,6 +473,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, help="interleaved rounds; medians are reported (5; 2 with --quick)")
     parser.add_argument("--cpl", default="0,3", help="guest privilege levels, e.g. 0,3")
     parser.add_argument("--quick", action="store_true", help="n=5000, repeat=2, no asyncio rows for slow handoffs")
+    parser.add_argument("--pair-s", type=float, default=1.0,
+                        help="rerun the C baseline before a row when its last run is older than this (seconds)")
     parser.add_argument("--only", help="comma-separated paths or labels to run (c always runs, for the ratios)")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
@@ -409,6 +493,7 @@ def main() -> None:
                     spec.unavailable = "could not build benchmarks/c/exitloop.c"
         bench = Bench(tsc_hz, c_exe)
         runnable = [s for s in specs if not s.unavailable]
+        c_specs = {s.cpl: s for s in runnable if s.path == "c"}
         try:
             # Warm-up: imports, both loops, page cache for the ELF and the C binary.
             for loop in ("uvloop", "asyncio"):
@@ -417,10 +502,13 @@ def main() -> None:
             for round_no in range(repeat):
                 k = round_no % max(len(runnable), 1)
                 for spec in runnable[k:] + runnable[:k]:  # rotate: drift spreads over all rows
-                    try:
-                        spec.samples.append(bench.measure(spec))
-                    except Exception as exc:  # measured, not asserted: keep going
-                        spec.errors.append(f"{type(exc).__name__}: {exc}")
+                    c_spec = c_specs.get(spec.cpl)
+                    if spec is not c_spec and c_spec is not None and (
+                            not c_spec.samples or time.perf_counter() - c_spec.samples[-1]["t"] > args.pair_s):
+                        measure_into(bench, c_spec)  # a fresh C reference next to this row
+                    measure_into(bench, spec)
+                for c_spec in c_specs.values():  # close the round: every sample has a C run after it
+                    measure_into(bench, c_spec)
                 print(f"# round {round_no + 1}/{repeat} done, {time.perf_counter() - started:.0f} s",
                       file=sys.stderr, flush=True)
         finally:

@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 import structlog
 
-from ..errors import GuestError, HandoffCancelled, KvmError
+from ..errors import DeviceError, GuestError, HandoffCancelled, KvmError
 from ..kvm import VcpuFd, ffi, lib
-from ..metrics import VcpuMetrics
+from ..metrics import LatencyHistograms, VcpuMetrics
 from ..procstat import read_thread_times_precise
 from .exits import (
     Direction,
@@ -117,7 +117,7 @@ class VcpuThread:
         on_exit: Callable[[int, object], None],
         on_stop: Callable[[int, BaseException | None], None],
         context: dict | None = None,
-        sample_every: int = 16,
+        sample_every: int = 1,
         spin_us: float = 200.0,
     ) -> None:
         self.vcpu = vcpu
@@ -135,6 +135,7 @@ class VcpuThread:
         ctx.mech = lib.AIOKVM_MECH_PYTHON
         ctx.spin_ns = int(spin_us * 1000)
         ctx.sample_every = max(1, sample_every)
+        self.latency = LatencyHistograms(ctx)
         dispatcher.bus.fill_tables(ctx)
         self._on_exit = on_exit
         self._on_stop = on_stop
@@ -215,17 +216,39 @@ class VcpuThread:
 
     def _loop(self) -> None:
         ctx, index = self.ctx, self.index
-        run = lib.aiokvm_vcpu_run
-        handlers = self.dispatcher.vcpu_handlers  # updated in place on bus changes
+        run, run_read = lib.aiokvm_vcpu_run, lib.aiokvm_vcpu_run_read
+        dispatcher = self.dispatcher
+        handlers = dispatcher.vcpu_handlers  # updated in place on bus changes
+        writes, reads = dispatcher.vcpu_tables(ctx)  # likewise
         RC_PYTHON, RC_INTR, RC_OTHER = lib.AIOKVM_RC_PYTHON, lib.AIOKVM_RC_INTR, lib.AIOKVM_RC_OTHER
         RC_CANCELLED = lib.AIOKVM_RC_CANCELLED
-        in_value = 0
+        # In the packed word (code | op << 4 | ...): the code and the string bit
+        # select one-element accesses, the write bit tells writes from reads.
+        ONE_ELEMENT_MASK, ONE_ELEMENT = 15 | lib.AIOKVM_OP_STRING << 4, RC_PYTHON
+        WRITE_BIT = lib.AIOKVM_OP_WRITE << 4
+        ALL = (1 << 64) - 1
+        rc = run(ctx)
         while True:
-            rc = run(ctx, in_value)
-            in_value = 0
-            if rc & 15 == RC_PYTHON and rc > 0:  # packed access (see _vcpu_loop.h)
+            # The hot cases first: one device call and one C call per exit.
+            # run()/run_read() never raise (they return codes), so whatever is
+            # caught here came from the device or from converting its result.
+            if rc & ONE_ELEMENT_MASK == ONE_ELEMENT and rc > 0:
                 try:
-                    in_value = handlers[(rc >> 10) & 1023](rc, ctx)
+                    if rc & WRITE_BIT:
+                        writes[(rc >> 10) & 1023](rc >> 20, (rc >> 6) & 15, ctx.value)
+                        rc = run(ctx)
+                    else:
+                        rc = run_read(ctx, reads[(rc >> 10) & 1023](rc >> 20, (rc >> 6) & 15) & ALL)
+                    continue
+                except HandoffCancelled:
+                    return
+                except DeviceError:
+                    raise
+                except Exception as exc:
+                    raise dispatcher.failure(rc, ctx, exc) from exc
+            if rc & 15 == RC_PYTHON and rc > 0:  # string I/O
+                try:
+                    handlers[(rc >> 10) & 1023](rc, ctx)
                 except HandoffCancelled:
                     return
             elif rc == RC_INTR:
@@ -246,6 +269,7 @@ class VcpuThread:
                 return
             else:
                 raise KvmError(-rc, f"KVM_RUN on vCPU {index}")
+            rc = run(ctx)
 
     def _park(self) -> None:
         with self._resume:

@@ -178,7 +178,6 @@ struct kvm_run {
 /* ---- the C vCPU loop (aiokvm/kvm/_vcpu_loop.h) ---- */
 #define AIOKVM_MAX_MMIO_REGIONS ...
 #define AIOKVM_MAX_REGIONS ...
-#define AIOKVM_SAMPLES ...
 #define AIOKVM_HUB_MAX_VCPUS ...
 #define AIOKVM_UNCLAIMED ...
 #define AIOKVM_INLINE ...
@@ -205,9 +204,13 @@ struct kvm_run {
 #define AIOKVM_MECH_WAKE ...
 
 struct aiokvm_mmio_region { uint64_t base; uint64_t end; uint32_t id; uint32_t mode; ...; };
-struct aiokvm_sample {
-    uint32_t exit_to_start_ns; uint32_t handler_ns; uint32_t end_to_entry_ns; uint32_t region; ...;
+struct aiokvm_hist {
+    uint64_t *counts; uint64_t len; uint64_t sub_mask; uint32_t half_mag; uint32_t unit_mag;
+    uint64_t half_count; uint64_t total; uint64_t sum; uint64_t max; uint64_t clamped; ...;
 };
+#define AIOKVM_LAT_EXIT_TO_START ...
+#define AIOKVM_LAT_HANDLER ...
+#define AIOKVM_LAT_END_TO_ENTRY ...
 struct aiokvm_vcpu;
 struct aiokvm_hub {
     uint32_t polling; int32_t wake_fd; uint32_t nvcpus; uint32_t spin_yield; uint32_t next_scan;
@@ -227,19 +230,21 @@ struct aiokvm_vcpu {
     uint64_t wait_ns, spin_wait_ns, sleep_wait_ns, kvm_run_ns, python_ns;
     uint64_t region_hits[1024];
     uint64_t mmio_unclaimed_last;
-    uint32_t sample_every; uint64_t samples_dropped;
+    uint32_t sample_every; struct aiokvm_hist hist[3];
     ...;
 };
-int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v, uint64_t in_value);
+int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v);
+int64_t aiokvm_vcpu_run_read(struct aiokvm_vcpu *v, uint64_t value);
 uint64_t aiokvm_hub_poll(struct aiokvm_hub *hub);
 int32_t aiokvm_hub_next(struct aiokvm_hub *hub, struct aiokvm_vcpu *done, uint64_t value, uint64_t max_ns);
 uint64_t aiokvm_hub_set_polling(struct aiokvm_hub *hub, uint32_t on);
 void aiokvm_complete(struct aiokvm_vcpu *v, uint64_t value);
 void aiokvm_cancel(struct aiokvm_vcpu *v);
-uint32_t aiokvm_drain_samples(struct aiokvm_vcpu *v, struct aiokvm_sample *out, uint32_t max);
+uint64_t aiokvm_hist_index(const struct aiokvm_hist *h, uint64_t v);
+void aiokvm_hist_record(struct aiokvm_hist *h, uint64_t v);
 uint32_t aiokvm_coalesced_drain(struct kvm_coalesced_mmio_ring *ring, uint32_t capacity,
                                 struct kvm_coalesced_mmio *out, uint32_t max);
-uint32_t aiokvm_pio_nonzero(const uint64_t *counts, uint32_t *keys, uint64_t *values, uint32_t max);
+uint32_t aiokvm_nonzero(const uint64_t *counts, uint32_t len, uint32_t *keys, uint64_t *values, uint32_t max);
 
 /* ---- helpers (aiokvm/kvm/_helpers.h); all return -errno on failure ---- */
 int aiokvm_ioctl(int fd, unsigned long request, void *arg);

@@ -35,7 +35,6 @@
 
 #define AIOKVM_MAX_MMIO_REGIONS 64
 #define AIOKVM_MAX_REGIONS 1024
-#define AIOKVM_SAMPLES 4096
 #define AIOKVM_HUB_MAX_VCPUS 64
 
 /* Region modes in the C lookup tables. */
@@ -83,12 +82,28 @@ struct aiokvm_mmio_region {
     uint32_t mode;
 };
 
-struct aiokvm_sample {
-    uint32_t exit_to_start_ns; /* KVM_RUN returned -> handler started */
-    uint32_t handler_ns;       /* handler ran */
-    uint32_t end_to_entry_ns;  /* handler ended -> KVM_RUN entered again */
-    uint32_t region;
+/* A latency histogram in hdrhistogram's bucket layout (the parameters and
+ * the counts array come from an HdrHistogram, see metrics.py), so recording
+ * costs a few instructions per exit and the library still does the rest:
+ * percentiles, merging, encoding.  Written by one vCPU thread; readers
+ * tolerate a value recorded during their read. */
+struct aiokvm_hist {
+    uint64_t *counts;    /* NULL: not recording */
+    uint64_t len;        /* entries in counts */
+    uint64_t sub_mask;   /* sub_bucket_mask */
+    uint32_t half_mag;   /* sub_bucket_half_count_magnitude */
+    uint32_t unit_mag;   /* unit_magnitude */
+    uint64_t half_count; /* sub_bucket_half_count */
+    uint64_t total;
+    uint64_t sum;
+    uint64_t max;
+    uint64_t clamped; /* values beyond the top bucket, counted there */
 };
+
+/* Latency components, in the order of aiokvm_vcpu.hist[]. */
+#define AIOKVM_LAT_EXIT_TO_START 0 /* KVM_RUN returned -> handler started */
+#define AIOKVM_LAT_HANDLER 1       /* handler ran */
+#define AIOKVM_LAT_END_TO_ENTRY 2  /* handler ended -> KVM_RUN entered again */
 
 struct aiokvm_hub {
     uint32_t polling; /* the loop is polling the slots (atomic) */
@@ -151,17 +166,14 @@ struct aiokvm_vcpu {
     uint64_t region_hits[AIOKVM_MAX_REGIONS];
     uint64_t mmio_unclaimed_last;
 
-    /* Latency samples: one of every sample_every exits handled by a handler. */
+    /* Latency of one of every sample_every exits handled by a handler. */
     uint32_t sample_every;
     uint32_t sample_tick;
-    uint64_t sample_head; /* written by this thread */
-    uint64_t sample_tail; /* written by the reader */
-    uint64_t samples_dropped;
     uint64_t t_exit;  /* KVM_RUN returned */
     uint64_t t_start; /* handler started (loop: taken) */
     uint64_t t_end;   /* handler ended (loop: completed) */
     uint64_t t_return; /* returned to Python */
-    struct aiokvm_sample samples[AIOKVM_SAMPLES];
+    struct aiokvm_hist hist[3];
 };
 
 static inline uint64_t aiokvm_now_ns(void)
@@ -191,26 +203,43 @@ static inline long aiokvm_futex(uint32_t *addr, int op, uint32_t val)
     return syscall(SYS_futex, addr, op, val, NULL, NULL, 0);
 }
 
+/* hdrhistogram's counts index for v (HdrHistogram._counts_index_for). */
+static inline uint64_t aiokvm_hist_index(const struct aiokvm_hist *h, uint64_t v)
+{
+    uint32_t bucket = 64 - __builtin_clzll(v | h->sub_mask) - h->unit_mag - (h->half_mag + 1);
+    uint64_t sub = v >> (bucket + h->unit_mag);
+    return ((uint64_t)(bucket + 1) << h->half_mag) + sub - h->half_count;
+}
+
+static inline void aiokvm_hist_record(struct aiokvm_hist *h, uint64_t v)
+{
+    if (h->counts == NULL)
+        return;
+    uint64_t i = aiokvm_hist_index(h, v);
+    if (i >= h->len) {
+        i = h->len - 1;
+        h->clamped++;
+    }
+    h->counts[i]++;
+    h->total++;
+    h->sum += v;
+    if (v > h->max)
+        h->max = v;
+}
+
+static inline uint64_t aiokvm_span(uint64_t from, uint64_t to)
+{
+    return to > from ? to - from : 0;
+}
+
 static void aiokvm_record_sample(struct aiokvm_vcpu *v, uint64_t t_entry)
 {
     if (++v->sample_tick < v->sample_every)
         return;
     v->sample_tick = 0;
-    uint64_t head = v->sample_head;
-    uint64_t tail = __atomic_load_n(&v->sample_tail, __ATOMIC_ACQUIRE);
-    if (head - tail >= AIOKVM_SAMPLES) {
-        v->samples_dropped++;
-        return;
-    }
-    struct aiokvm_sample *s = &v->samples[head % AIOKVM_SAMPLES];
-    uint64_t a = v->t_start > v->t_exit ? v->t_start - v->t_exit : 0;
-    uint64_t b = v->t_end > v->t_start ? v->t_end - v->t_start : 0;
-    uint64_t c = t_entry > v->t_end ? t_entry - v->t_end : 0;
-    s->exit_to_start_ns = a > 0xffffffffu ? 0xffffffffu : (uint32_t)a;
-    s->handler_ns = b > 0xffffffffu ? 0xffffffffu : (uint32_t)b;
-    s->end_to_entry_ns = c > 0xffffffffu ? 0xffffffffu : (uint32_t)c;
-    s->region = v->region;
-    __atomic_store_n(&v->sample_head, head + 1, __ATOMIC_RELEASE);
+    aiokvm_hist_record(&v->hist[AIOKVM_LAT_EXIT_TO_START], aiokvm_span(v->t_exit, v->t_start));
+    aiokvm_hist_record(&v->hist[AIOKVM_LAT_HANDLER], aiokvm_span(v->t_start, v->t_end));
+    aiokvm_hist_record(&v->hist[AIOKVM_LAT_END_TO_ENTRY], aiokvm_span(v->t_end, t_entry));
 }
 
 /* Find the region claiming [addr, addr+len). */
@@ -315,9 +344,10 @@ static inline void aiokvm_store_read(struct aiokvm_vcpu *v, uint64_t value)
         memcpy(run->mmio.data, &value, v->size);
 }
 
-/* Run the vCPU until something needs Python.  in_value answers the previous
- * inline read (if it was a single element). */
-static int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v, uint64_t in_value)
+/* Run the vCPU until something needs Python.  After a one-element read was
+ * returned to Python, aiokvm_vcpu_run_read() answers it instead (two entry
+ * points, so that the common case is a one-argument call). */
+static int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v)
 {
     struct kvm_run *run = v->run;
     uint64_t t_entry = aiokvm_now_ns();
@@ -325,7 +355,9 @@ static int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v, uint64_t in_value)
     if (v->t_return)
         v->python_ns += t_entry - v->t_return;
     if (v->pending_in) {
-        aiokvm_store_read(v, in_value);
+        /* A read left unanswered (cannot happen from cpu/kvm.py): all ones,
+         * like an unclaimed port, rather than stale bytes. */
+        aiokvm_store_read(v, ~0ull);
         v->pending_in = 0;
     }
     if (v->t_exit) {
@@ -435,6 +467,16 @@ static int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v, uint64_t in_value)
     }
 }
 
+/* Answer the one-element read the last run returned with value, and run on. */
+static int64_t aiokvm_vcpu_run_read(struct aiokvm_vcpu *v, uint64_t value)
+{
+    if (v->pending_in) {
+        aiokvm_store_read(v, value);
+        v->pending_in = 0;
+    }
+    return aiokvm_vcpu_run(v);
+}
+
 /* ---- the loop side ---------------------------------------------------------- */
 
 /* Bitmask of vCPUs whose slot holds a posted access. */
@@ -518,20 +560,6 @@ static void aiokvm_cancel(struct aiokvm_vcpu *v)
     aiokvm_futex(&v->slot, FUTEX_WAKE_PRIVATE, 1);
 }
 
-/* Copy out up to max samples; returns how many. */
-static uint32_t aiokvm_drain_samples(struct aiokvm_vcpu *v, struct aiokvm_sample *out, uint32_t max)
-{
-    uint64_t tail = v->sample_tail;
-    uint64_t head = __atomic_load_n(&v->sample_head, __ATOMIC_ACQUIRE);
-    uint32_t n = 0;
-    while (tail != head && n < max) {
-        out[n++] = v->samples[tail % AIOKVM_SAMPLES];
-        tail++;
-    }
-    __atomic_store_n(&v->sample_tail, tail, __ATOMIC_RELEASE);
-    return n;
-}
-
 /* Drain KVM's coalesced MMIO/PIO ring into out[] (loop thread only). */
 static uint32_t aiokvm_coalesced_drain(struct kvm_coalesced_mmio_ring *ring, uint32_t capacity,
                                        struct kvm_coalesced_mmio *out, uint32_t max)
@@ -549,11 +577,12 @@ static uint32_t aiokvm_coalesced_drain(struct kvm_coalesced_mmio_ring *ring, uin
     return n;
 }
 
-/* Non-zero per-port counters: fills ports[]/counts[] with (port*2+is_out). */
-static uint32_t aiokvm_pio_nonzero(const uint64_t *counts, uint32_t *keys, uint64_t *values, uint32_t max)
+/* The non-zero entries of counts[0..len): their indexes in keys[], counts in
+ * values[] (per-port exit counts, histogram buckets). */
+static uint32_t aiokvm_nonzero(const uint64_t *counts, uint32_t len, uint32_t *keys, uint64_t *values, uint32_t max)
 {
     uint32_t n = 0;
-    for (uint32_t i = 0; i < 0x20000 && n < max; i++) {
+    for (uint32_t i = 0; i < len && n < max; i++) {
         if (counts[i]) {
             keys[n] = i;
             values[n] = counts[i];

@@ -5,6 +5,12 @@
  *          tsc=1 (also print elapsed TSC cycles)  cpl=3 (runtime option)
  *          cpus=N (every vCPU runs the loop at the same time, CPU k on
  *          port+k or mmio+4k; each prints its own line, tagged "cpu k")
+ *          batch=B (one vCPU: also time each run of B exits and print the
+ *          median and the fastest batch per exit; sporadic host noise such
+ *          as preemption lands in a few batches and leaves the median)
+ *          alt=P (with batch: after each batch, altn=K (default B) exits on
+ *          port P, or at MMIO address P with mmio=; prints the median of
+ *          the per-pair ratios of cost per exit, batch / alt)
  */
 #include "guest.h"
 
@@ -108,6 +114,77 @@ static int main_smp(void)
 	return 0;
 }
 
+#define MAX_BATCHES 256
+
+static uint64_t batch_cycles[MAX_BATCHES], alt_cycles[MAX_BATCHES], pair_ratio[MAX_BATCHES];
+
+/* n exits of the configured kind on port (or at mmio). */
+static void run_exits(const char *mode, uint64_t port, uint64_t size, uint64_t mmio, uint64_t n)
+{
+	if (mmio)
+		loop_mmio((uintptr_t)mmio, n);
+	else if (mode[0] == 'i')
+		loop_in((uint16_t)port, (unsigned int)size, n);
+	else
+		loop_out((uint16_t)port, (unsigned int)size, n);
+}
+
+/* Insertion sort: at most MAX_BATCHES values, and this code may run
+ * emulated (CPL 0 under PVM), so keep it small. */
+static uint64_t median_of(uint64_t *v, uint64_t n)
+{
+	for (uint64_t i = 1; i < n; i++) {
+		uint64_t x = v[i], j = i;
+
+		for (; j > 0 && v[j - 1] > x; j--)
+			v[j] = v[j - 1];
+		v[j] = x;
+	}
+	return n & 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+/* Run n exits in batches of b, timing each; prints the median and minimum
+ * batch per exit.  With alt (a second port, or MMIO address), every batch
+ * is followed by one of b exits there, and the median of the per-pair
+ * ratios is printed too: both sides of a pair run microseconds apart, so
+ * host speed drifts cancel.  Returns the cycles of the n exits on port. */
+static uint64_t run_batches(const char *mode, uint64_t port, uint64_t size, uint64_t mmio, uint64_t n,
+			    uint64_t b, uint64_t alt, uint64_t altn)
+{
+	uint64_t nb = n / b, total = 0, t0;
+
+	for (uint64_t k = 0; k < nb; k++) {
+		t0 = rdtsc();
+		run_exits(mode, port, size, mmio, b);
+		batch_cycles[k] = rdtsc() - t0;
+		total += batch_cycles[k];
+		if (alt) {
+			t0 = rdtsc();
+			run_exits(mode, mmio ? 0 : alt, size, mmio ? alt : 0, altn);
+			alt_cycles[k] = (rdtsc() - t0) * b / altn; /* scaled to b exits */
+			pair_ratio[k] = batch_cycles[k] * 1000 / (alt_cycles[k] ? alt_cycles[k] : 1);
+		}
+	}
+	t0 = rdtsc();
+	run_exits(mode, port, size, mmio, n % b);
+	total += rdtsc() - t0;
+	if (!nb)
+		return total;
+	{
+		uint64_t min = ~0ull, median;
+
+		for (uint64_t k = 0; k < nb; k++)
+			min = batch_cycles[k] < min ? batch_cycles[k] : min;
+		median = median_of(batch_cycles, nb);
+		printf("exitloop: batches %lu of %lu, median %lu per exit, min %lu per exit\n", nb, b,
+		       median / b, min / b);
+	}
+	if (alt)
+		printf("exitloop: alt 0x%lx median %lu per exit, pair ratio median %lu permille\n", alt,
+		       median_of(alt_cycles, nb) / b, median_of(pair_ratio, nb));
+	return total;
+}
+
 int main(void)
 {
 	uint64_t n = opt_u64("n", 1000);
@@ -115,7 +192,7 @@ int main(void)
 	uint64_t size = opt_u64("size", 1);
 	uint64_t mmio = opt_u64("mmio", 0);
 	char mode[8] = "out";
-	uint64_t t0, t1;
+	uint64_t t0, t1, batch;
 
 	opt_str("mode", mode, sizeof(mode));
 	opt_cpus = opt_u64("cpus", 1);
@@ -142,14 +219,22 @@ int main(void)
 		return 2;
 	}
 
+	batch = opt_u64("batch", 0);
+	if (batch && n / batch > MAX_BATCHES) {
+		printf("exitloop: batch=%lu gives over %u batches; use batch >= %lu\n", batch, MAX_BATCHES,
+		       (n + MAX_BATCHES - 1) / MAX_BATCHES);
+		return 2;
+	}
 	t0 = rdtsc();
-	if (opt_present("mmio"))
-		loop_mmio((uintptr_t)mmio, n);
-	else if (mode[0] == 'i')
-		loop_in((uint16_t)port, (unsigned int)size, n);
-	else
-		loop_out((uint16_t)port, (unsigned int)size, n);
-	t1 = rdtsc();
+	if (batch) {
+		uint64_t altn = opt_u64("altn", batch);
+
+		t1 = t0 + run_batches(mode, port, size, opt_present("mmio") ? mmio : 0, n, batch, opt_u64("alt", 0),
+				      altn ? altn : batch);
+	} else {
+		run_exits(mode, port, size, opt_present("mmio") ? mmio : 0, n);
+		t1 = rdtsc();
+	}
 
 	if (opt_u64("tsc", 0))
 		printf("exitloop: cycles %lu (%lu per exit)\n", t1 - t0,

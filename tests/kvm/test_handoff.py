@@ -49,16 +49,16 @@ class Echo:
         self.writes.setdefault(cpu, []).append(value)
 
 
-async def stress(handoff: str, *, vcpus: int, n: int, seed: int, size: int, mmio: bool):
+async def stress(handoff: str, *, vcpus: int, n: int, seed: int, size: int, mmio: bool, mode: str = "loop"):
     async with Machine(vcpus=vcpus, handoff=handoff) as vm:
         if mmio:
             echo = Echo(8, 4)
-            vm.add_device(echo, mmio=(0xD000_0000, 8 * vcpus), name="echo")
+            vm.add_device(echo, mmio=(0xD000_0000, 8 * vcpus), name="echo", mode=mode)
             cmdline = f"n={n} seed={seed} mmio=0xd0000000"
             size = 4
         else:
             echo = Echo(4, size)
-            vm.add_device(echo, pio=(0x510, 4 * vcpus), name="echo")
+            vm.add_device(echo, pio=(0x510, 4 * vcpus), name="echo", mode=mode)
             cmdline = f"n={n} seed={seed} size={size} base=0x510"
         vm.load("iostress", cmdline=cmdline)
         status = await vm.run(timeout=120)
@@ -82,6 +82,20 @@ async def test_two_vcpus_hammering_one_loop_lose_nothing(handoff, case):
     for cpu in range(2):
         assert echo.writes[cpu] == lcg_values(seed, cpu, n, mask), f"cpu {cpu}: lost, doubled or reordered"
     assert stats["paths"]["echo/loop"] == 2 * 2 * n  # a write and a read per iteration
+
+
+@pytest.mark.parametrize(("size", "mmio"), [(1, False), (2, False), (4, False), (4, True)])
+async def test_inline_handlers_round_trip_every_value(size, mmio):
+    seed, n = 0x5EED + size, 700
+    status, output, echo, stats = await stress("spin", vcpus=2, n=n, seed=seed, size=size, mmio=mmio,
+                                               mode="inline")
+    assert status.code == 0, output
+    assert "2 cpus, 0 errors" in output  # every read returned ~(the last write), per CPU
+    assert threading.get_ident() not in echo.threads  # inline means the vCPU threads
+    mask = MASKS[size]
+    for cpu in range(2):
+        assert echo.writes[cpu] == lcg_values(seed, cpu, n, mask)
+    assert stats["paths"]["echo/inline"] == 2 * 2 * n
 
 
 async def test_pause_holds_every_vcpu_and_resume_loses_nothing():
