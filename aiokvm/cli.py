@@ -138,7 +138,7 @@ def print_stats(stats: dict, file=sys.stderr) -> None:
         w("\n")
         latency = v.get("latency", {})
         if any(h.get("count") for h in latency.values()):
-            w(f"  {'latency (us, sampled)':<22}{'count':>8}{'p50':>9}{'p99':>9}{'max':>10}\n")
+            w(f"  {'latency (us)':<22}{'count':>8}{'p50':>9}{'p99':>9}{'max':>10}\n")
             for name, h in latency.items():
                 if h.get("count"):
                     w(f"  {name:<22}{h['count']:>8}{h['p50_us']:>9.2f}{h['p99_us']:>9.2f}{h['max_us']:>10.1f}\n")
