@@ -136,7 +136,7 @@ class SlotServer:
     ``dispatcher`` provides ``loop_handlers`` (per region id, called as
     ``handler(packed, ctx)``) and ``pre_serve`` (run before each access, to
     drain the coalesced ring).  Each loop-hosted exit costs one C call here:
-    ``aiokvm_hub_next`` completes the previous access and claims the next.
+    ``aiokvm_hub_serve`` completes the previous access and claims the next.
     """
 
     #: longest spin per C call without the GIL, and accesses served per loop turn
@@ -168,6 +168,7 @@ class SlotServer:
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.hub.wake_fd = self.wake_fd
         self.hub.nvcpus = len(vcpu_ctxs)
+        self.hub.current = -1  # no access held
         if spin_yield is None:
             # More busy threads (vCPUs + this loop) than cores: a spinning
             # thread would keep the one it waits for off the CPU.
@@ -203,18 +204,16 @@ class SlotServer:
 
     def _serve_burst(self, spin_ns: int, limit: int) -> int:
         """Serve posted accesses until none comes within ``spin_ns`` (or ``limit``)."""
-        nxt, ctxs, dispatcher = lib.aiokvm_hub_next, self._ctxs, self._dispatcher
+        serve, ctxs, dispatcher = lib.aiokvm_hub_serve, self._ctxs, self._dispatcher
         handlers, writes, reads = self._handlers, dispatcher.loop_writes, dispatcher.loop_reads
         pre_serve = dispatcher.pre_serve  # read once per burst
         hub = self.hub
-        done, value, served = ffi.NULL, 0, 0
+        hub.spin_ns = spin_ns
+        value, served = 0, 0
         while served < limit:
-            index = nxt(hub, done, value, spin_ns)
-            done = ffi.NULL
-            if index < 0:
+            packed = serve(hub, value)  # completes the previous access with value
+            if packed < 0:
                 break
-            ctx = ctxs[index]
-            packed = ctx.packed
             try:
                 if pre_serve is not None:
                     pre_serve()
@@ -222,31 +221,32 @@ class SlotServer:
                 # the packing in _vcpu_loop.h); string I/O goes through handlers.
                 op = packed & 0x30
                 if op == 0x10:
-                    writes[(packed >> 10) & 1023](packed >> 20, (packed >> 6) & 15, ctx.value)
+                    writes[(packed >> 10) & 1023](packed >> 20, (packed >> 6) & 15, hub.value)
                     value = 0
                 elif op == 0:
                     value = reads[(packed >> 10) & 1023](packed >> 20, (packed >> 6) & 15) & _ALL_ONES
                 else:
-                    value = handlers[(packed >> 10) & 1023](packed, ctx)
+                    value = handlers[(packed >> 10) & 1023](packed, ctxs[hub.current])
             except BaseException as exc:  # a device failed: the machine stops
+                ctx = ctxs[hub.current]
+                hub.current = -1  # abandoned, not completed: cancelled below
                 if isinstance(exc, Exception) and not isinstance(exc, AiokvmError):
                     wrapped = dispatcher.failure(packed, ctx, exc)
                     wrapped.__cause__ = exc
                     exc = wrapped
                 lib.aiokvm_cancel(ctx)
                 self._on_error(exc)
+                value = 0
                 continue
-            done = ctx
             served += 1
-        if done != ffi.NULL:
-            lib.aiokvm_complete(done, value)
+        lib.aiokvm_hub_finish(hub, value)
         self.served += served
         return served
 
     async def _poll(self) -> None:
         """Adaptive polling: spin in C while exits keep coming, sleep when idle.
 
-        ``aiokvm_hub_next`` spins without the GIL for up to ``SPIN_NS`` per
+        ``aiokvm_hub_serve`` spins without the GIL for up to ``SPIN_NS`` per
         call.  After ``BURST`` accesses the poller yields to the loop so other
         tasks keep running; after ``poll_window`` without work it clears the
         polling flag and sleeps on the eventfd (a vCPU that posts then

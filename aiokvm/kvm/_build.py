@@ -214,6 +214,7 @@ struct aiokvm_hist {
 struct aiokvm_vcpu;
 struct aiokvm_hub {
     uint32_t polling; int32_t wake_fd; uint32_t nvcpus; uint32_t spin_yield; uint32_t next_scan;
+    int32_t current; uint64_t value; uint64_t spin_ns;
     struct aiokvm_vcpu *vcpus[64]; ...;
 };
 struct aiokvm_vcpu {
@@ -236,9 +237,9 @@ struct aiokvm_vcpu {
 int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v);
 int64_t aiokvm_vcpu_run_read(struct aiokvm_vcpu *v, uint64_t value);
 uint64_t aiokvm_hub_poll(struct aiokvm_hub *hub);
-int32_t aiokvm_hub_next(struct aiokvm_hub *hub, struct aiokvm_vcpu *done, uint64_t value, uint64_t max_ns);
+int64_t aiokvm_hub_serve(struct aiokvm_hub *hub, uint64_t result);
+void aiokvm_hub_finish(struct aiokvm_hub *hub, uint64_t result);
 uint64_t aiokvm_hub_set_polling(struct aiokvm_hub *hub, uint32_t on);
-void aiokvm_complete(struct aiokvm_vcpu *v, uint64_t value);
 void aiokvm_cancel(struct aiokvm_vcpu *v);
 uint64_t aiokvm_hist_index(const struct aiokvm_hist *h, uint64_t v);
 void aiokvm_hist_record(struct aiokvm_hist *h, uint64_t v);

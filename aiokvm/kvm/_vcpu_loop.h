@@ -110,7 +110,10 @@ struct aiokvm_hub {
     int32_t wake_fd;  /* eventfd the loop sleeps on */
     uint32_t nvcpus;
     uint32_t spin_yield; /* spin with sched_yield(): more busy threads than cores */
-    uint32_t next_scan;  /* aiokvm_hub_next's round-robin position */
+    uint32_t next_scan;  /* aiokvm_hub_serve's round-robin position */
+    int32_t current;     /* the vCPU whose access the loop holds, or -1 */
+    uint64_t value;      /* ... and that access's write value (read by Python) */
+    uint64_t spin_ns;    /* how long aiokvm_hub_serve spins for the next access */
     struct aiokvm_vcpu *vcpus[AIOKVM_HUB_MAX_VCPUS];
 };
 
@@ -516,14 +519,17 @@ static void aiokvm_complete(struct aiokvm_vcpu *v, uint64_t value)
     aiokvm_wake_vcpu(v);
 }
 
-/* Complete `done` (if not NULL) with `value`, then spin (up to max_ns; cffi
- * releases the GIL) for the next posted access and claim it.  Returns its
- * vCPU index, or -1 after max_ns without one.  The loop side makes one such
- * call per loop-hosted exit. */
-static int32_t aiokvm_hub_next(struct aiokvm_hub *hub, struct aiokvm_vcpu *done, uint64_t value, uint64_t max_ns)
+/* Complete the access the loop holds (if any) with result, then spin (up to
+ * hub->spin_ns; cffi releases the GIL) for the next posted access and claim
+ * it.  Returns its packed word (always > 0; hub->current and hub->value say
+ * whose it is and what it writes), or -1 after spin_ns without one.  The
+ * loop side makes one such call per loop-hosted exit. */
+static int64_t aiokvm_hub_serve(struct aiokvm_hub *hub, uint64_t result)
 {
-    if (done)
-        aiokvm_complete(done, value);
+    if (hub->current >= 0) {
+        aiokvm_complete(hub->vcpus[hub->current], result);
+        hub->current = -1;
+    }
     uint64_t deadline = 0;
     unsigned n = 0;
     uint32_t start = hub->next_scan;
@@ -536,17 +542,28 @@ static int32_t aiokvm_hub_next(struct aiokvm_hub *hub, struct aiokvm_vcpu *done,
                 v->t_start = aiokvm_now_ns();
                 __atomic_store_n(&v->slot, AIOKVM_SLOT_TAKEN, __ATOMIC_RELAXED);
                 hub->next_scan = i + 1;
-                return (int32_t)i;
+                hub->current = (int32_t)i;
+                hub->value = v->value;
+                return v->packed;
             }
         }
         if ((n++ & 31) == 0) {
             uint64_t now = aiokvm_now_ns();
             if (!deadline)
-                deadline = now + max_ns;
+                deadline = now + hub->spin_ns;
             else if (now >= deadline)
                 return -1;
         }
         aiokvm_spin_relax(hub);
+    }
+}
+
+/* Complete the held access (if any) with result, without claiming another. */
+static void aiokvm_hub_finish(struct aiokvm_hub *hub, uint64_t result)
+{
+    if (hub->current >= 0) {
+        aiokvm_complete(hub->vcpus[hub->current], result);
+        hub->current = -1;
     }
 }
 
