@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import structlog
 
@@ -35,6 +36,7 @@ SECTOR = 512
 # Request types and status values.
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+_STATUS_BYTES = {status: bytes([status]) for status in (S_OK, S_IOERR, S_UNSUPP)}
 
 # Feature bits.
 F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH = 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 9
@@ -48,21 +50,18 @@ MAX_DISCARD_SEG = 16
 ID_BYTES = 20
 
 HEADER = struct.Struct("<IIQ")
+HEADER_SIZE = HEADER.size
 DISCARD_SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 
 
-@dataclass(frozen=True)
-class BlkRequest:
-    """A parsed request: what to do, and where its buffers are."""
+class BlkRequest(NamedTuple):
+    """A parsed request: what to do, and where its buffers are (one per request: a named tuple)."""
 
     type: int
     sector: int
     data: tuple[tuple[int, int], ...]   # (addr, len): device-readable for OUT, writable for IN/GET_ID
     status_addr: int
-
-    @property
-    def data_len(self) -> int:
-        return sum(n for _, n in self.data)
+    data_len: int                       # sum of the data lengths
 
 
 class BadRequest(Exception):
@@ -75,21 +74,27 @@ class BadRequest(Exception):
 
 
 def parse_request(chain: DescriptorChain, memory, capacity_sectors: int, read_only: bool) -> BlkRequest:
-    """Turn a descriptor chain into a request, or raise ``BadRequest``."""
-    if not chain.writable or chain.writable[-1][1] < 1:
+    """Turn a descriptor chain into a request, or raise ``BadRequest``.  (Once per request.)"""
+    readable, writable = chain.readable, chain.writable
+    if not writable or writable[-1][1] < 1:
         raise BadRequest(S_IOERR, "no status byte", None)
-    status_addr = chain.writable[-1][0] + chain.writable[-1][1] - 1
-    if not chain.readable or chain.readable[0][1] < HEADER.size:
-        raise BadRequest(S_IOERR, "header shorter than 16 bytes", status_addr)
-    rtype, _reserved, sector = HEADER.unpack(memory.read(chain.readable[0][0], HEADER.size))
-    head_rest = chain.readable[0][1] - HEADER.size
-    readable = ((chain.readable[0][0] + HEADER.size, head_rest),) if head_rest else ()
-    readable += chain.readable[1:]
-    writable = list(chain.writable)
     last_addr, last_len = writable[-1]
-    writable[-1] = (last_addr, last_len - 1)  # the status byte is not data
-    writable = tuple((a, n) for a, n in writable if n)
-    readable = tuple((a, n) for a, n in readable if n)
+    status_addr = last_addr + last_len - 1
+    if not readable or readable[0][1] < HEADER_SIZE:
+        raise BadRequest(S_IOERR, "header shorter than 16 bytes", status_addr)
+    head_addr, head_len = readable[0]
+    rtype, _reserved, sector = HEADER.unpack_from(memory.view(head_addr, HEADER_SIZE))
+    # The data: the header's tail (if any) and the rest of the readable
+    # buffers; the writable ones less the status byte; zero lengths dropped.
+    if head_len == HEADER_SIZE and len(readable) == 1:
+        readable = ()
+    else:
+        rest = ((head_addr + HEADER_SIZE, head_len - HEADER_SIZE),) + readable[1:]
+        readable = tuple(buf for buf in rest if buf[1])
+    if last_len == 1:
+        writable = tuple(buf for buf in writable[:-1] if buf[1])
+    else:
+        writable = tuple(buf for buf in writable[:-1] if buf[1]) + ((last_addr, last_len - 1),)
 
     if rtype in (T_IN, T_GET_ID):
         if readable:
@@ -103,20 +108,24 @@ def parse_request(chain: DescriptorChain, memory, capacity_sectors: int, read_on
         data = ()
     else:
         raise BadRequest(S_UNSUPP, f"unsupported request type {rtype}", status_addr)
-    request = BlkRequest(rtype, sector, data, status_addr)
+    length = 0
+    largest = 0
+    for _addr, n in data:
+        length += n
+        if n > largest:
+            largest = n
 
     if rtype in (T_IN, T_OUT):
-        length = request.data_len
         if length % SECTOR:
             raise BadRequest(S_IOERR, f"data length {length} is not a multiple of 512", status_addr)
         if sector + length // SECTOR > capacity_sectors:
             raise BadRequest(S_IOERR, f"sectors {sector}+{length // SECTOR} beyond capacity {capacity_sectors}",
                              status_addr)
-        if any(n > SIZE_MAX for _, n in data) or len(data) > SEG_MAX:
+        if largest > SIZE_MAX or len(data) > SEG_MAX:
             raise BadRequest(S_IOERR, "segment count or size beyond what was advertised", status_addr)
-    if rtype in (T_OUT, T_DISCARD, T_WRITE_ZEROES) and read_only:
+    if read_only and rtype in (T_OUT, T_DISCARD, T_WRITE_ZEROES):
         raise BadRequest(S_IOERR, "write to a read-only disk", status_addr)
-    return request
+    return BlkRequest(rtype, sector, data, status_addr, length)
 
 
 def parse_segments(request: BlkRequest, memory, capacity_sectors: int) -> list[tuple[int, int, int]]:
@@ -156,6 +165,8 @@ class VirtioBlk:
         if backend.size % SECTOR:
             raise ValueError("backend size must be a multiple of 512")
         self.backend = backend
+        # page-cached reads served on the loop (see _read_now); None if the backend cannot
+        self._readv_nowait = getattr(backend, "readv_nowait", None)
         self.read_only = bool(backend.read_only)
         self.capacity = backend.size // SECTOR
         self.serial = (serial if serial is not None else getattr(backend, "serial", "aiokvm"))[:ID_BYTES]
@@ -212,45 +223,64 @@ class VirtioBlk:
         q = self._queue
         if q is None:
             return
-        while True:
-            chain = q.pop()  # VirtqueueError propagates to the transport: NEEDS_RESET
-            if chain is None:
-                # Ask for a kick on the next add (avail_event under EVENT_IDX),
-                # then look once more: a chain added meanwhile sent no kick.
-                q.set_notification(True)
-                if q.has_available():
+        # Reads completed right here publish their used entries at once; the
+        # interrupt decision (a barrier and a look at used_event) is taken
+        # once per SIGNAL_BATCH of them and when the pass ends.
+        unsignalled = 0
+        try:
+            while True:
+                chain = q.pop()  # VirtqueueError propagates to the transport: NEEDS_RESET
+                if chain is None:
+                    # Ask for a kick on the next add (avail_event under EVENT_IDX),
+                    # then look once more: a chain added meanwhile sent no kick.
+                    q.set_notification(True)
+                    if q.has_available():
+                        continue
+                    break
+                self.metrics.requests += 1
+                try:
+                    request = parse_request(chain, self._memory, self.capacity, self.read_only)
+                except BadRequest as bad:
+                    self._finish_bad(chain, bad)
                     continue
-                break
-            self.metrics.requests += 1
-            try:
-                request = parse_request(chain, self._memory, self.capacity, self.read_only)
-            except BadRequest as bad:
-                self._finish_bad(chain, bad)
-                continue
-            if request.type == T_IN and self._read_now(chain, request):
-                continue
-            task = asyncio.get_running_loop().create_task(self._execute(chain, request, self._generation))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            self.metrics.in_flight_max = max(self.metrics.in_flight_max, len(self._tasks))
+                if request.type == T_IN and self._read_now(chain, request):
+                    unsignalled += 1
+                    if unsignalled >= self.SIGNAL_BATCH:
+                        unsignalled = 0
+                        self._signal_if_needed()
+                    continue
+                self._spawn(chain, request)
+        finally:
+            if unsignalled:
+                self._signal_if_needed()
+
+    #: inline completions between interrupt decisions within one notify pass
+    SIGNAL_BATCH = 16
+
+    def _spawn(self, chain: DescriptorChain, request: BlkRequest) -> None:
+        """Run a request that must wait (backend I/O) as a task; it completes out of order."""
+        task = asyncio.get_running_loop().create_task(self._execute(chain, request, self._generation))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self.metrics.in_flight_max = max(self.metrics.in_flight_max, len(self._tasks))
 
     # -- execution -------------------------------------------------------------------------
     def _read_now(self, chain: DescriptorChain, request: BlkRequest) -> bool:
         """Complete a read without a task when the backend can serve it at once
         (page-cached data, memory): no thread handoff, no task, no extra loop turn."""
-        nowait = getattr(self.backend, "readv_nowait", None)
+        nowait = self._readv_nowait
         if nowait is None:
             return False
         try:
-            views = [self._memory.view(a, n) for a, n in request.data]
-            if not nowait(request.sector * SECTOR, views):
+            view = self._memory.view
+            if not nowait(request.sector * SECTOR, [view(a, n) for a, n in request.data]):
                 return False
         except Exception:
             return False  # let the general path report it
         self.metrics.reads += 1
         self.metrics.bytes_read += request.data_len
         self.metrics.reads_inline += 1
-        self._complete(chain.head, request.status_addr, S_OK, request.data_len)
+        self._complete(chain.head, request.status_addr, S_OK, request.data_len, signal=False)
         return True
 
     async def _execute(self, chain: DescriptorChain, request: BlkRequest, generation: int) -> None:
@@ -309,22 +339,32 @@ class VirtioBlk:
             return
         self._complete(chain.head, bad.status_addr, bad.status, 0)
 
-    def _complete(self, head: int, status_addr: int, status: int, written: int) -> None:
+    def _complete(self, head: int, status_addr: int, status: int, written: int, *, signal: bool = True) -> None:
         if status == S_IOERR:
             self.metrics.ioerr += 1
         elif status == S_UNSUPP:
             self.metrics.unsupp += 1
         try:
-            self._memory.write(status_addr, bytes([status]))
+            self._memory.write(status_addr, _STATUS_BYTES[status])
         except Exception as exc:  # validated by pop(); a remap would be a bug
             self._note(f"status byte: {exc}")
             return
-        self._push(head, written + 1)
+        self._push(head, written + 1, signal=signal)
 
-    def _push(self, head: int, written: int) -> None:
+    def _push(self, head: int, written: int, *, signal: bool = True) -> None:
         q = self._queue
         try:
             q.push(head, written)
+            if signal and q.needs_notification():
+                self._interrupt.signal(INT_USED_BUFFER)
+        except VirtqueueError as exc:
+            self._note(f"used ring: {exc}")
+
+    def _signal_if_needed(self) -> None:
+        q = self._queue
+        if q is None:
+            return
+        try:
             if q.needs_notification():
                 self._interrupt.signal(INT_USED_BUFFER)
         except VirtqueueError as exc:

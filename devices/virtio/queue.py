@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiokvm.errors import AiokvmError
 
@@ -107,13 +107,13 @@ class VirtqueueError(AiokvmError):
     """The driver broke the virtqueue rules; the device must go to DEVICE_NEEDS_RESET."""
 
 
-@dataclass(frozen=True)
-class DescriptorChain:
+class DescriptorChain(NamedTuple):
     """One available descriptor chain, already validated.
 
     ``readable`` and ``writable`` hold ``(guest address, length)`` of the
     device-readable and device-writable buffers in chain order (indirect
-    tables flattened), zero-length buffers included.
+    tables flattened), zero-length buffers included.  (A named tuple: one
+    is built per request, and a frozen dataclass costs several times more.)
     """
 
     head: int
@@ -239,31 +239,37 @@ class SplitQueue:
         """The next available chain, walked and validated, or None if there is none."""
         if self.failure is not None:
             raise self.failure
-        avail_idx = self._avail_idx()
-        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        last = self.last_avail_idx
+        avail_idx = _U16.unpack_from(self._avail, 2)[0]
+        pending = (avail_idx - last) & 0xFFFF
         if pending == 0:
             return None
-        if pending > self.size:
+        size = self.size
+        if pending > size:
             raise self._fail(
-                f"avail.idx {avail_idx} is {pending} entries ahead of the device's {self.last_avail_idx}"
-                f" (queue size {self.size})"
+                f"avail.idx {avail_idx} is {pending} entries ahead of the device's {last} (queue size {size})"
             )
-        slot = self.last_avail_idx % self.size
+        slot = last % size
         head = _U16.unpack_from(self._avail, 4 + 2 * slot)[0]
-        if head >= self.size:
-            raise self._fail(f"avail.ring[{slot}] holds head {head}, not below queue size {self.size}")
+        if head >= size:
+            raise self._fail(f"avail.ring[{slot}] holds head {head}, not below queue size {size}")
         if head in self._in_flight:
             raise self._fail(f"avail.ring[{slot}] holds head {head}, which the device still holds")
-        chain = self._walk(head)
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        self._in_flight[head] = chain.writable_len
+        chain, writable_len = self._walk(head)
+        self.last_avail_idx = (last + 1) & 0xFFFF
+        self._in_flight[head] = writable_len
         self.num_popped += 1
         return chain
 
-    def _walk(self, head: int) -> DescriptorChain:
-        memory = self.memory
+    def _walk(self, head: int) -> tuple[DescriptorChain, int]:
+        """The chain at ``head`` and its writable length.  Runs once per request:
+        everything it touches per descriptor is a local."""
+        contains = self.memory.contains
+        unpack = _DESC.unpack_from
+        max_chain = self.max_chain
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
+        writable_len = 0
         table = self._desc
         table_len = self.size
         where = "descriptor"
@@ -276,7 +282,7 @@ class SplitQueue:
                 raise self._fail(
                     f"chain at head {head} is longer than its {where} table ({table_len} entries): a loop"
                 )
-            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * index)
+            addr, length, flags, nxt = unpack(table, DESC_SIZE * index)
             if flags & DESC_F_INDIRECT:
                 if table is not self._desc:
                     raise self._fail(f"chain at head {head}: indirect descriptor inside an indirect table")
@@ -292,33 +298,34 @@ class SplitQueue:
                         f"chain at head {head}: indirect table length {length} is not a positive multiple"
                         f" of 16 up to {MAX_INDIRECT_LEN}"
                     )
-                if addr + length > U64_LIMIT or not memory.contains(addr, length):
+                if addr + length > U64_LIMIT or not contains(addr, length):
                     raise self._fail(
                         f"chain at head {head}: indirect table [{addr:#x}, +{length:#x}) is not inside guest RAM"
                     )
-                table = memory.view(addr, length)
+                table = self.memory.view(addr, length)
                 table_len = length // DESC_SIZE
                 where = "indirect"
                 index = 0
                 count = 0
                 continue
             total += 1
-            if self.max_chain is not None and total > self.max_chain:
-                raise self._fail(f"chain at head {head} has more than {self.max_chain} buffers")
+            if max_chain is not None and total > max_chain:
+                raise self._fail(f"chain at head {head} has more than {max_chain} buffers")
             if addr + length > U64_LIMIT:
                 raise self._fail(f"chain at head {head}: buffer {addr:#x} + {length:#x} wraps past 2**64")
-            if not memory.contains(addr, length):
+            if not contains(addr, length):
                 raise self._fail(
                     f"chain at head {head}: buffer [{addr:#x}, +{length:#x}) is not inside guest RAM"
                 )
             if flags & DESC_F_WRITE:
                 writable.append((addr, length))
+                writable_len += length
             elif writable:
                 raise self._fail(f"chain at head {head}: device-readable buffer after a device-writable one")
             else:
                 readable.append((addr, length))
             if not flags & DESC_F_NEXT:
-                return DescriptorChain(head, tuple(readable), tuple(writable))
+                return DescriptorChain(head, tuple(readable), tuple(writable)), writable_len
             if nxt >= table_len:
                 raise self._fail(
                     f"chain at head {head}: next index {nxt} is outside the {where} table ({table_len} entries)"

@@ -4,8 +4,8 @@
  *
  * Completion is found by polling the used ring index; no interrupts are
  * used (the avail ring asks the device not to interrupt, or, with
- * EVENT_IDX, used_event is kept behind the consumer so the device never
- * has a reason to).  That keeps the driver free of IDT/IOAPIC set-up and
+ * EVENT_IDX, used_event is kept half the index space away from the
+ * consumer so the device never has a reason to).  That keeps the driver free of IDT/IOAPIC set-up and
  * lets it run unchanged at CPL 3.
  *
  * Ordering (x86, TSO): the CPU does not reorder stores with older stores
@@ -176,8 +176,8 @@ static int setup_queue(struct vblk *v)
 		v->head_tag[i] = -1;
 
 	if (v->use_event_idx)
-		/* used_event one behind the consumer: never reached. */
-		v->avail->ring[q] = 0xffff;
+		/* used_event far from the consumer (see vblk_poll): never reached. */
+		v->avail->ring[q] = 0x8000;
 	else
 		v->avail->flags = VRING_AVAIL_F_NO_INTERRUPT;
 
@@ -467,8 +467,13 @@ unsigned int vblk_poll(struct vblk *v)
 		n++;
 	}
 	if (n && v->use_event_idx)
-		/* Keep used_event just behind us: no interrupts wanted. */
-		store16(&v->avail->ring[v->qsize], (uint16_t)(v->last_used - 1));
+		/* No interrupts wanted: keep used_event half the index space away.
+		 * The device tests it against the entries it just published, which
+		 * lie within qsize of last_used.  (last_used - 1, the previous
+		 * choice, is the entry this loop just consumed, so a device that
+		 * published it a moment ago and checks now sees it and interrupts,
+		 * once per request.) */
+		store16(&v->avail->ring[v->qsize], (uint16_t)(v->last_used + 0x8000));
 	return n;
 }
 

@@ -253,6 +253,24 @@ async def test_event_idx_driver_that_kicks_only_when_asked_is_never_stranded():
     assert done == 30
 
 
+@pytest.mark.parametrize(("used_event", "lo", "hi"), [
+    (0, 1, 1 + 20 // VirtioBlk.SIGNAL_BATCH),  # "interrupt me at the first completion"
+    (5, 1, 1 + 20 // VirtioBlk.SIGNAL_BATCH),  # mid-pass: still seen, at the next decision
+    (0x8000, 0, 0),                           # far from every index used here: never
+])
+async def test_a_pass_of_inline_reads_decides_about_interrupts_in_batches(used_event, lo, hi):
+    # 20 page-cached reads kicked at once complete in one notify pass; the
+    # interrupt decision is taken once per SIGNAL_BATCH completions and at the
+    # end of the pass, and follows used_event (EVENT_IDX) each time.
+    g = await ready_guest(MemoryBackend(64 * 512))
+    assert g.q.event_idx
+    g.q.set_used_event(used_event)
+    heads = [g.submit(T_IN, i, read_len=512) for i in range(20)]
+    g.kick()
+    assert {head for head, _ in g.q.used()} == set(heads)  # all done in the pass
+    assert lo <= g.irqs <= hi
+
+
 NEXT, WRITE, INDIRECT = 1, 2, 4
 DATA = 0x200000  # inside the 4 MiB guest
 
