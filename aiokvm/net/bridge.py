@@ -108,6 +108,9 @@ class FdbView:
     age: float
 
 
+_FORWARDING = PortState.FORWARDING  # one global lookup on the per-frame path
+
+
 class Bridge:
     """One software bridge.  All times are seconds, injected by the caller."""
 
@@ -369,9 +372,11 @@ class Bridge:
         if port is None:
             raise BridgeError(f"{self.name}: no port named {port_name!r}")
         port.rx += 1
-        if not port.up:
+        if not (port.link_up and port.admin_up):  # Port.up, without the property call
             port.drops["link_down"] += 1
             return []
+        stp_enabled = self.stp_enabled
+        vlan_filtering = self.vlan_filtering
         size = len(frame)
         if size < MIN_FRAME:
             port.drops["runt"] += 1
@@ -390,7 +395,7 @@ class Bridge:
             if low == 0x01:
                 port.drops["pause"] += 1
                 return []
-            consumed = (low == 0x00 and self.stp_enabled) or (low != 0x00 and not self.group_fwd_mask & (1 << low))
+            consumed = (low == 0x00 and stp_enabled) or (low != 0x00 and not self.group_fwd_mask & (1 << low))
             if consumed:
                 # Passed up locally, not forwarded; the kernel still learns
                 # the source (__br_handle_local_finish).
@@ -402,15 +407,17 @@ class Bridge:
             # Otherwise forwarded: BPDUs with STP off, groups in group_fwd_mask.
 
         # port.up was checked above; without STP an up port forwards.
-        state = self.stp.port_state(port_name) if self.stp_enabled else PortState.FORWARDING
-        if state is not PortState.FORWARDING and state is not PortState.LEARNING:
-            port.drops["port_state"] += 1
-            return []
+        state = _FORWARDING
+        if stp_enabled:
+            state = self.stp.port_state(port_name)
+            if state is not _FORWARDING and state is not PortState.LEARNING:
+                port.drops["port_state"] += 1
+                return []
 
         vid = 0
         pcp = 0
         inner = frame
-        if self.vlan_filtering:
+        if vlan_filtering:
             tagged = frame[12:14] == self._tpid_bytes
             if tagged:
                 if size < 18:
@@ -434,7 +441,7 @@ class Bridge:
                 seen.updated = now  # the common case: a known host talking again
             else:
                 self._learn(port, src, vid, now)
-        if state is PortState.LEARNING:
+        if state is not _FORWARDING:  # LEARNING: learn, never forward
             port.drops["learning_state"] += 1
             return []
 
@@ -448,11 +455,12 @@ class Bridge:
             if dst in self._local_macs or (entry is not None and entry.kind == "permanent"):
                 port.drops["to_host"] += 1  # a local address: delivered to the host, not forwarded
                 return []
-            if entry is not None and (not entry.ages or now - entry.updated < self._hold_time()):
+            if entry is not None and (entry.kind != "learned" or now - entry.updated < (
+                    self._hold_time() if stp_enabled else self.ageing_time)):
                 target = self.ports.get(entry.port)
-                if (target is not None and target is not port and not self.vlan_filtering and target.up
-                        and not (port.isolated and target.isolated)
-                        and (not self.stp_enabled or self.stp.port_state(target.name) is PortState.FORWARDING)):
+                if (target is not None and target is not port and not vlan_filtering
+                        and target.link_up and target.admin_up and not (port.isolated and target.isolated)
+                        and (not stp_enabled or self.stp.port_state(target.name) is _FORWARDING)):
                     target.tx += 1  # known unicast, no VLANs: the fast path
                     return [(target.name, frame)]
                 targets = [target] if target is not None else []
