@@ -483,14 +483,19 @@ class Bridge:
         self._learn(port, src, vid, now)
 
     def _egress(self, ingress: Port, targets: list[Port], frame: bytes, vid: int, pcp: int) -> list[tuple[str, bytes]]:
+        # Once per flooded frame per port: no property or method calls on the way.
         out: list[tuple[str, bytes]] = []
         filtering = self.vlan_filtering
+        port_state = self.stp.port_state if self.stp_enabled else None
+        isolated = ingress.isolated
         for p in targets:
             if p is ingress and not p.hairpin:
                 continue
-            if ingress.isolated and p.isolated:
+            if isolated and p.isolated:
                 continue
-            if self._forwarding_state(p) is not PortState.FORWARDING:
+            if not (p.link_up and p.admin_up):
+                continue
+            if port_state is not None and port_state(p.name) is not _FORWARDING:
                 continue
             data = frame
             if filtering:
