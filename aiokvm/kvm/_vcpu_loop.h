@@ -209,6 +209,8 @@ static inline long aiokvm_futex(uint32_t *addr, int op, uint32_t val)
 /* hdrhistogram's counts index for v (HdrHistogram._counts_index_for). */
 static inline uint64_t aiokvm_hist_index(const struct aiokvm_hist *h, uint64_t v)
 {
+    if ((v | h->sub_mask) == 0)
+        return 0; /* an unbound histogram (clz of 0 is undefined) */
     uint32_t bucket = 64 - __builtin_clzll(v | h->sub_mask) - h->unit_mag - (h->half_mag + 1);
     uint64_t sub = v >> (bucket + h->unit_mag);
     return ((uint64_t)(bucket + 1) << h->half_mag) + sub - h->half_count;
