@@ -500,6 +500,29 @@ def summarize(specs: list[Spec]) -> list[dict]:
     return rows
 
 
+#: the targets this benchmark was built to check: (text, label, loop, vcpus, ratio)
+BARS = (
+    ("inline", "inline", "uvloop", 1, 1.10),
+    ("loop-hosted, default handoff", "loop:default", "uvloop", 1, 1.25),
+    ("loop-hosted, default handoff, stdlib asyncio", "loop:default", "asyncio", 1, 1.25),
+    ("two vCPUs, loop-hosted spin, per vCPU", "loop:spin:2vcpu", "uvloop", 2, 2.5),
+)
+
+
+def bars(rows: list[dict]) -> list[dict]:
+    found = []
+    for text, label, loop, vcpus, target in BARS:
+        row = next((r for r in rows if r["label"] == label and r["loop"] == loop and r["cpl"] == 0
+                    and r["vcpus"] == vcpus), None)
+        if row is None:
+            continue
+        ratio = row["ratio_to_c"]
+        found.append({"bar": text, "target": target, "ratio_to_c": ratio,
+                      "ratio_to_c_paired": row["ratio_to_c_paired"], "ratio_in_run": row["ratio_in_run"],
+                      "met": None if ratio is None else ratio <= target})
+    return found
+
+
 def fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -602,10 +625,17 @@ def main() -> None:
     info["loadavg_start"] = load_start
     rows = summarize(specs)
     print_table(rows, info)
+    found = bars(rows)
+    if found:
+        print("bars (one vCPU unless noted, CPL 0; reported, not asserted):")
+        for bar in found:
+            verdict = "-" if bar["met"] is None else ("met" if bar["met"] else "not met")
+            print(f"  {bar['bar']} <= {bar['target']:.2f}x C: {fmt(bar['ratio_to_c'])} ({verdict}; "
+                  f"paired {fmt(bar['ratio_to_c_paired'])}, in-run {fmt(bar['ratio_in_run'])})")
     if args.json_path:
         with open(args.json_path, "w") as fh:
             json.dump({"benchmark": "exits", "guest": "exitloop", "n": n, "repeat": repeat,
-                       "machine": info, "rows": rows}, fh, indent=2)
+                       "machine": info, "bars": found, "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ def test_exits_benchmark_writes_rows_with_paired_and_in_run_ratios(tmp_path):
     # Python costs something, and not an order of magnitude.
     assert 0.9 <= rows["inline"]["ratio_in_run"] <= 3.0
     assert rows["inline"]["delivered_writes"] == 1000
+    bars = {b["bar"]: b for b in data["bars"]}
+    assert bars["inline"]["target"] == 1.10
+    assert bars["inline"]["met"] == (bars["inline"]["ratio_to_c"] <= 1.10)
 
 
 def test_bridge_benchmark_writes_every_path_and_port_count(tmp_path):
