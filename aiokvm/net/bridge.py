@@ -109,6 +109,8 @@ class FdbView:
 
 
 _FORWARDING = PortState.FORWARDING  # one global lookup on the per-frame path
+# How a received frame is tagged, for _egress.
+_UNTAGGED, _OWN_TAG, _PRIORITY_TAG = 0, 1, 2
 
 
 class Bridge:
@@ -416,7 +418,7 @@ class Bridge:
 
         vid = 0
         pcp = 0
-        inner = frame
+        tag = _UNTAGGED
         if vlan_filtering:
             tagged = frame[12:14] == self._tpid_bytes
             if tagged:
@@ -425,7 +427,7 @@ class Bridge:
                     return []
                 tci = frame[14] << 8 | frame[15]
                 vid, pcp = tci & 0x0FFF, tci >> 12  # PCP and DEI travel on
-                inner = frame[:12] + frame[16:]  # the VID travels beside the frame
+                tag = _OWN_TAG if vid else _PRIORITY_TAG
             if not vid:  # untagged, other TPID, or priority-tagged (VID 0)
                 if port.pvid is None:
                     port.drops["no_pvid"] += 1
@@ -466,7 +468,7 @@ class Bridge:
                 targets = [target] if target is not None else []
             else:
                 targets = [p for p in self.ports.values() if p.flood]
-        return self._egress(port, targets, inner, vid, pcp)
+        return self._egress(port, targets, frame, vid, pcp, tag)
 
     def _learn_local(self, port: Port, frame: bytes, src: bytes, now: float) -> None:
         if not port.learning:
@@ -482,9 +484,15 @@ class Bridge:
                 return
         self._learn(port, src, vid, now)
 
-    def _egress(self, ingress: Port, targets: list[Port], frame: bytes, vid: int, pcp: int) -> list[tuple[str, bytes]]:
+    def _egress(self, ingress: Port, targets: list[Port], frame: bytes, vid: int, pcp: int,
+                tag: int = 0) -> list[tuple[str, bytes]]:
+        """``frame`` as received; ``tag`` says whether it carries an 802.1Q tag
+        (_OWN_TAG: exactly the one a tagged egress would write; _PRIORITY_TAG:
+        VID 0, to be replaced).  Tags are stripped or built only for the ports
+        that need it."""
         # Once per flooded frame per port: no property or method calls on the way.
         out: list[tuple[str, bytes]] = []
+        inner = frame if tag == _UNTAGGED else None  # the frame without its tag
         filtering = self.vlan_filtering
         port_state = self.stp.port_state if self.stp_enabled else None
         isolated = ingress.isolated
@@ -502,8 +510,12 @@ class Bridge:
                 untagged = p.vlans.get(vid)
                 if untagged is None:
                     continue  # not a member of this VLAN
-                if not untagged:
-                    data = frame[:12] + self._tpid_bytes + ((pcp << 12) | vid).to_bytes(2, "big") + frame[12:]
+                if untagged or tag != _OWN_TAG:
+                    if inner is None:
+                        inner = frame[:12] + frame[16:]
+                    data = inner
+                    if not untagged:
+                        data = inner[:12] + self._tpid_bytes + ((pcp << 12) | vid).to_bytes(2, "big") + inner[12:]
             p.tx += 1
             out.append((p.name, data))
         return out

@@ -256,6 +256,31 @@ def test_priority_tagged_vid_0_takes_the_pvid():
     assert parse_ethernet(out["p2"]).tags == ()  # VLAN 1 is untagged on p2
 
 
+@settings(max_examples=200, deadline=None)
+@given(ingress=st.sampled_from(["untagged", "tagged", "priority"]), pcp=st.integers(0, 15),
+       p2_untagged=st.booleans(), p3_untagged=st.booleans(), known=st.booleans())
+def test_egress_frames_are_byte_exact_for_every_tagging(ingress, pcp, p2_untagged, p3_untagged, known):
+    # VLAN 10 is the pvid of p1; p2 and p3 are members, each tagged or untagged.
+    br = bridge("p1", "p2", "p3", vlan_filtering=True)
+    br.vlan_add("p1", 10, pvid=True)
+    for port, untagged in (("p2", p2_untagged), ("p3", p3_untagged)):
+        br.vlan_add(port, 10, untagged=untagged)
+    if known:  # B behind p2: known unicast rather than a flood
+        br.receive("p2", push_tag(eth(BCAST, B), 10), 0)
+    plain = eth(B if known else BCAST, A, payload=bytes(range(46)))
+    prio, dei = pcp & 7, pcp >> 3
+    sent = {"untagged": plain, "tagged": push_tag(plain, 10, pcp=prio, dei=dei),
+            "priority": push_tag(plain, 0, pcp=prio, dei=dei)}[ingress]
+    # PCP and DEI travel with the frame; an untagged frame gets PCP 0.
+    tci = (0 if ingress == "untagged" else prio << 13 | dei << 12) | 10
+    tagged_out = plain[:12] + b"\x81\x00" + tci.to_bytes(2, "big") + plain[12:]
+    out = dict(br.receive("p1", sent, 1))
+    expected = {"p2": plain if p2_untagged else tagged_out}
+    if not known:
+        expected["p3"] = plain if p3_untagged else tagged_out
+    assert out == expected
+
+
 def test_no_pvid_drops_untagged():
     br = vlan_bridge()
     br.vlan_add("p1", 1)  # member of VLAN 1, but no longer its pvid
