@@ -42,8 +42,10 @@ class Dispatcher:
     """Routes accesses to devices on one machine's bus.
 
     For speed, each region gets a small closure (``handlers[region.id]``)
-    that calls its device directly; the lists are rebuilt in place whenever
-    the bus changes, so the vCPU threads can keep a reference to them.
+    that calls its device directly, and the one-element cases get the
+    device's bound ``write``/``read`` themselves (``vcpu_tables``,
+    ``loop_writes``/``loop_reads``).  Every list is rebuilt in place whenever
+    the bus changes, so the vCPU threads and the loop can keep a reference.
     """
 
     def __init__(self, bus: Bus, handoff=None) -> None:
@@ -92,8 +94,13 @@ class Dispatcher:
 
     def failure(self, packed: int, ctx, exc: Exception) -> DeviceError:
         """The error for a device that raised ``exc`` on the access ``packed`` of vCPU ``ctx``."""
-        region = self.bus.regions_by_id[(packed >> 10) & 1023]
-        return _device_failure(region, _describe(ctx.kind, ctx.addr, ctx.size), exc)
+        region_id = (packed >> 10) & 1023
+        regions = self.bus.regions_by_id
+        region = regions[region_id] if region_id < len(regions) else None
+        what = _describe(ctx.kind, ctx.addr, ctx.size)
+        if region is None:  # unregistered while the access was in flight
+            return DeviceError(f"a removed device failed on {what}: {type(exc).__name__}: {exc}")
+        return _device_failure(region, what, exc)
 
     def _rebuild(self) -> None:
         direct = [_direct_handler(r) if r is not None else _gone for r in self.bus.regions_by_id]
