@@ -57,8 +57,8 @@ class LatencyHistograms:
     def __init__(self, ctx) -> None:
         self._ctx = ctx
         self._counts = []  # keeps the C arrays alive as long as ctx uses them
+        layout = self._layout()
         for k, _name in enumerate(LATENCIES):
-            layout = self._new_histogram()
             counts = ffi.new("uint64_t[]", layout.counts_len)
             self._counts.append(counts)
             h = ctx.hist[k]
@@ -68,6 +68,15 @@ class LatencyHistograms:
             h.unit_mag = layout.unit_magnitude
             h.half_count = layout.sub_bucket_half_count
             h.counts = counts
+
+    _layout_cache: HdrHistogram | None = None
+
+    @classmethod
+    def _layout(cls) -> HdrHistogram:
+        """An empty histogram whose bucket parameters every vCPU shares (built once)."""
+        if cls._layout_cache is None:
+            cls._layout_cache = cls._new_histogram()
+        return cls._layout_cache
 
     @classmethod
     def _new_histogram(cls) -> HdrHistogram:
