@@ -93,14 +93,18 @@ class Dispatcher:
         reads[:] = r
 
     def failure(self, packed: int, ctx, exc: Exception) -> DeviceError:
-        """The error for a device that raised ``exc`` on the access ``packed`` of vCPU ``ctx``."""
+        """The error for a device that raised ``exc`` on the access ``packed`` of vCPU ``ctx``
+        (``exc`` is its ``__cause__``)."""
         region_id = (packed >> 10) & 1023
         regions = self.bus.regions_by_id
         region = regions[region_id] if region_id < len(regions) else None
         what = _describe(ctx.kind, ctx.addr, ctx.size)
         if region is None:  # unregistered while the access was in flight
-            return DeviceError(f"a removed device failed on {what}: {type(exc).__name__}: {exc}")
-        return _device_failure(region, what, exc)
+            error = DeviceError(f"a removed device failed on {what}: {type(exc).__name__}: {exc}")
+        else:
+            error = _device_failure(region, what, exc)
+        error.__cause__ = exc
+        return error
 
     def _rebuild(self) -> None:
         direct = [_direct_handler(r) if r is not None else _gone for r in self.bus.regions_by_id]

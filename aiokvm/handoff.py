@@ -231,9 +231,7 @@ class SlotServer:
                 ctx = ctxs[hub.current]
                 hub.current = -1  # abandoned, not completed: cancelled below
                 if isinstance(exc, Exception) and not isinstance(exc, AiokvmError):
-                    wrapped = dispatcher.failure(packed, ctx, exc)
-                    wrapped.__cause__ = exc
-                    exc = wrapped
+                    exc = dispatcher.failure(packed, ctx, exc)
                 lib.aiokvm_cancel(ctx)
                 self._on_error(exc)
                 value = 0

@@ -230,13 +230,11 @@ struct aiokvm_vcpu {
     uint64_t to_python, to_loop, spin_hits, futex_waits, wakeups_sent;
     uint64_t wait_ns, spin_wait_ns, sleep_wait_ns, kvm_run_ns, python_ns;
     uint64_t region_hits[1024];
-    uint64_t mmio_unclaimed_last;
     uint32_t sample_every; struct aiokvm_hist hist[3];
     ...;
 };
 int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v);
 int64_t aiokvm_vcpu_run_read(struct aiokvm_vcpu *v, uint64_t value);
-uint64_t aiokvm_hub_poll(struct aiokvm_hub *hub);
 int64_t aiokvm_hub_serve(struct aiokvm_hub *hub, uint64_t result);
 void aiokvm_hub_finish(struct aiokvm_hub *hub, uint64_t result);
 uint64_t aiokvm_hub_set_polling(struct aiokvm_hub *hub, uint32_t on);

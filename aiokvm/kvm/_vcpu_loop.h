@@ -164,10 +164,9 @@ struct aiokvm_vcpu {
     uint64_t wait_ns;       /* time waiting for loop-hosted handlers (spin + sleep) */
     uint64_t spin_wait_ns;  /* ... of which spinning (on-CPU, counted as user time) */
     uint64_t sleep_wait_ns; /* ... of which sleeping on the futex (off-CPU) */
-    uint64_t kvm_run_ns;    /* time inside the KVM_RUN ioctl */
+    uint64_t kvm_run_ns;    /* time inside the KVM_RUN ioctl (and finishing unclaimed accesses) */
     uint64_t python_ns;     /* time back in Python between runs */
     uint64_t region_hits[AIOKVM_MAX_REGIONS];
-    uint64_t mmio_unclaimed_last;
 
     /* Latency of one of every sample_every exits handled by a handler. */
     uint32_t sample_every;
@@ -260,8 +259,9 @@ static inline const struct aiokvm_mmio_region *aiokvm_find_mmio(const struct aio
 }
 
 /* Post the current access to the loop and wait for it to complete.
- * Returns 0 when done, AIOKVM_RC_CANCELLED when the machine stops. */
-static int aiokvm_post_and_wait(struct aiokvm_vcpu *v)
+ * Returns 0 when done, AIOKVM_RC_CANCELLED when the machine stops; *t_done
+ * is when the wait ended (the caller's next timestamp, read once). */
+static int aiokvm_post_and_wait(struct aiokvm_vcpu *v, uint64_t *t_done_out)
 {
     struct aiokvm_hub *hub = v->hub;
     uint64_t t0 = v->t_exit;
@@ -301,6 +301,7 @@ static int aiokvm_post_and_wait(struct aiokvm_vcpu *v)
     __atomic_store_n(&v->waiting, 0, __ATOMIC_RELAXED);
 done:;
     uint64_t t_done = aiokvm_now_ns();
+    *t_done_out = t_done;
     if (t_sleep == 0)
         t_sleep = t_done;
     v->spin_wait_ns += t_sleep - t0;
@@ -412,7 +413,7 @@ static int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v)
                     v->unclaimed_pio_reads += run->io.count;
                 }
                 v->t_exit = 0;
-                t_entry = aiokvm_now_ns();
+                t_entry = now; /* tens of ns of bookkeeping count as KVM_RUN time */
                 continue;
             }
             aiokvm_describe_io(v, run);
@@ -427,9 +428,8 @@ static int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v)
                     memset(run->mmio.data, 0xff, sizeof(run->mmio.data));
                     v->unclaimed_mmio_reads++;
                 }
-                v->mmio_unclaimed_last = run->mmio.phys_addr;
                 v->t_exit = 0;
-                t_entry = aiokvm_now_ns();
+                t_entry = now; /* tens of ns of bookkeeping count as KVM_RUN time */
                 continue;
             }
             entry = r->id << 2 | r->mode;
@@ -453,13 +453,12 @@ static int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v)
                                   (uint64_t)v->region << 10 | offset << 20);
         }
         if ((entry & 3) == AIOKVM_LOOP && v->mech != AIOKVM_MECH_PYTHON) {
-            int r = aiokvm_post_and_wait(v);
+            int r = aiokvm_post_and_wait(v, &t_entry);
             if (r) {
                 v->t_exit = 0;
-                v->t_return = aiokvm_now_ns();
+                v->t_return = t_entry;
                 return r;
             }
-            t_entry = aiokvm_now_ns();
             aiokvm_record_sample(v, t_entry);
             v->t_exit = 0;
             continue;

@@ -97,6 +97,16 @@ def total_length(views: Iterable[memoryview]) -> int:
     return sum(v.nbytes for v in views)
 
 
+def checked_views(size: int, offset: int, buffers: Iterable[memoryview], *, writable: bool,
+                  what: str) -> tuple[list[memoryview], int]:
+    """Every backend's request preamble: flat byte views of ``buffers``, their
+    total length, and ``[offset, offset + length)`` checked against the disk."""
+    views = byte_views(buffers, writable=writable)
+    length = total_length(views)
+    check_range(size, offset, length, what)
+    return views, length
+
+
 def check_range(size: int, offset: int, length: int, what: str) -> None:
     """Raise ``BackendIOError`` unless ``[offset, offset + length)`` lies inside the disk."""
     if offset < 0 or length < 0 or offset + length > size:

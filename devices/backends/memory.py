@@ -12,10 +12,9 @@ from aiokvm.errors import ConfigError
 from .base import (
     SECTOR_SIZE,
     BackendIOError,
-    byte_views,
     check_range,
     check_writable,
-    total_length,
+    checked_views,
 )
 
 
@@ -53,20 +52,13 @@ class MemoryBackend:
 
     async def readv(self, offset: int, buffers: list[memoryview]) -> None:
         self._check_open("read")
-        views = byte_views(buffers, writable=True)
-        check_range(self.size, offset, total_length(views), "read")
-        data = memoryview(self._data)
-        for view in views:
-            n = view.nbytes
-            view[:] = data[offset : offset + n]
-            offset += n
+        self.readv_nowait(offset, buffers)
 
     def readv_nowait(self, offset: int, buffers: list[memoryview]) -> bool:
         """Memory never blocks: read at once (see RawFileBackend.readv_nowait)."""
         if self._closed:
             return False
-        views = byte_views(buffers, writable=True)
-        check_range(self.size, offset, total_length(views), "read")
+        views, _length = checked_views(self.size, offset, buffers, writable=True, what="read")
         data = memoryview(self._data)
         for view in views:
             n = view.nbytes
@@ -77,8 +69,7 @@ class MemoryBackend:
     async def writev(self, offset: int, buffers: list[memoryview]) -> None:
         self._check_open("write")
         check_writable(self.read_only, "write")
-        views = byte_views(buffers, writable=False)
-        check_range(self.size, offset, total_length(views), "write")
+        views, _length = checked_views(self.size, offset, buffers, writable=False, what="write")
         for view in views:
             n = view.nbytes
             self._data[offset : offset + n] = view

@@ -51,9 +51,9 @@ from aiokvm.errors import ConfigError
 from .base import (
     SECTOR_SIZE,
     BackendIOError,
-    byte_views,
     check_range,
     check_writable,
+    checked_views,
     make_serial,
     split_views,
     total_length,
@@ -491,9 +491,7 @@ class NbdBackend:
 
     # -- BlockBackend -------------------------------------------------------------------
     async def readv(self, offset: int, buffers: list[memoryview]) -> None:
-        views = byte_views(buffers, writable=True)
-        length = total_length(views)
-        check_range(self.size, offset, length, "read")
+        views, length = checked_views(self.size, offset, buffers, writable=True, what="read")
         self._check_aligned(offset, length, "read")
         self._check_usable("read")
         if length:
@@ -501,9 +499,7 @@ class NbdBackend:
 
     async def writev(self, offset: int, buffers: list[memoryview]) -> None:
         check_writable(self.read_only, f"write to NBD export {self.export_name!r}")
-        views = byte_views(buffers, writable=False)
-        length = total_length(views)
-        check_range(self.size, offset, length, "write")
+        views, length = checked_views(self.size, offset, buffers, writable=False, what="write")
         self._check_aligned(offset, length, "write")
         self._check_usable("write")
         if length:

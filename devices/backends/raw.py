@@ -38,11 +38,10 @@ from aiokvm.errors import ConfigError
 from .base import (
     SECTOR_SIZE,
     BackendIOError,
-    byte_views,
     check_range,
     check_writable,
+    checked_views,
     make_serial,
-    total_length,
 )
 
 DEFAULT_WORKERS = 4
@@ -254,10 +253,8 @@ class RawFileBackend:
 
     # -- BlockBackend ---------------------------------------------------------------
     async def readv(self, offset: int, buffers: list[memoryview]) -> None:
-        views = byte_views(buffers, writable=True)
-        length = total_length(views)
+        views, length = checked_views(self.size, offset, buffers, writable=True, what="read")
         what = f"read of {length} bytes at offset {offset}"
-        check_range(self.size, offset, length, "read")
         if self._closed:
             raise BackendIOError(f"{what} on closed disk {self.path}")
         if length:
@@ -274,24 +271,20 @@ class RawFileBackend:
         """
         if self._closed or not _RWF_NOWAIT:
             return False
-        views = byte_views(buffers, writable=True)
-        length = total_length(views)
-        check_range(self.size, offset, length, "read")
+        views, length = checked_views(self.size, offset, buffers, writable=True, what="read")
         if length > NOWAIT_LIMIT:
             return False
         try:
             n = os.preadv(self._fd, views[:_IOV_MAX], offset, _RWF_NOWAIT)
-        except (BlockingIOError, OSError):
+        except OSError:  # EAGAIN (not cached) included
             return False
         # Partly cached, or at EOF: False lets the thread pool do it properly.
         return n == length
 
     async def writev(self, offset: int, buffers: list[memoryview]) -> None:
         check_writable(self.read_only, f"write to {self.path}")
-        views = byte_views(buffers, writable=False)
-        length = total_length(views)
+        views, length = checked_views(self.size, offset, buffers, writable=False, what="write")
         what = f"write of {length} bytes at offset {offset}"
-        check_range(self.size, offset, length, "write")
         if self._closed:
             raise BackendIOError(f"{what} on closed disk {self.path}")
         if length:

@@ -22,13 +22,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import structlog
-
 from ..backends.base import BackendIOError
 from .mmio import F_EVENT_IDX, F_INDIRECT_DESC, INT_USED_BUFFER
 from .queue import DescriptorChain, VirtqueueError
-
-log = structlog.get_logger("aiokvm.devices.virtio.blk")
 
 DEVICE_ID_BLOCK = 2
 SECTOR = 512
@@ -243,13 +239,14 @@ class VirtioBlk:
                 except BadRequest as bad:
                     self._finish_bad(chain, bad)
                     continue
-                if request.type == T_IN and self._read_now(chain, request):
+                views = self._read_views(request) if request.type == T_IN else None
+                if views is not None and self._read_now(chain, request, views):
                     unsignalled += 1
                     if unsignalled >= self.SIGNAL_BATCH:
                         unsignalled = 0
                         self._signal_if_needed()
                     continue
-                self._spawn(chain, request)
+                self._spawn(chain, request, views)
         finally:
             if unsignalled:
                 self._signal_if_needed()
@@ -257,23 +254,30 @@ class VirtioBlk:
     #: inline completions between interrupt decisions within one notify pass
     SIGNAL_BATCH = 16
 
-    def _spawn(self, chain: DescriptorChain, request: BlkRequest) -> None:
+    def _spawn(self, chain: DescriptorChain, request: BlkRequest, views: list[memoryview] | None = None) -> None:
         """Run a request that must wait (backend I/O) as a task; it completes out of order."""
-        task = asyncio.get_running_loop().create_task(self._execute(chain, request, self._generation))
+        task = asyncio.get_running_loop().create_task(self._execute(chain, request, self._generation, views))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self.metrics.in_flight_max = max(self.metrics.in_flight_max, len(self._tasks))
 
     # -- execution -------------------------------------------------------------------------
-    def _read_now(self, chain: DescriptorChain, request: BlkRequest) -> bool:
+    def _read_views(self, request: BlkRequest) -> list[memoryview] | None:
+        """Guest-RAM views of a read's buffers, or None (the task reports why)."""
+        view = self._memory.view
+        try:
+            return [view(a, n) for a, n in request.data]
+        except Exception:
+            return None
+
+    def _read_now(self, chain: DescriptorChain, request: BlkRequest, views: list[memoryview]) -> bool:
         """Complete a read without a task when the backend can serve it at once
         (page-cached data, memory): no thread handoff, no task, no extra loop turn."""
         nowait = self._readv_nowait
         if nowait is None:
             return False
         try:
-            view = self._memory.view
-            if not nowait(request.sector * SECTOR, [view(a, n) for a, n in request.data]):
+            if not nowait(request.sector * SECTOR, views):
                 return False
         except Exception:
             return False  # let the general path report it
@@ -283,13 +287,16 @@ class VirtioBlk:
         self._complete(chain.head, request.status_addr, S_OK, request.data_len, signal=False)
         return True
 
-    async def _execute(self, chain: DescriptorChain, request: BlkRequest, generation: int) -> None:
+    async def _execute(self, chain: DescriptorChain, request: BlkRequest, generation: int,
+                       views: list[memoryview] | None = None) -> None:
+        """``views``: a read's buffers, when notify() already built them."""
         status, written = S_OK, 0
         backend, memory = self.backend, self._memory
         offset = request.sector * SECTOR
         try:
             if request.type == T_IN:
-                views = [memory.view(a, n) for a, n in request.data]
+                if views is None:
+                    views = [memory.view(a, n) for a, n in request.data]
                 await backend.readv(offset, views)
                 written = request.data_len
                 self.metrics.reads += 1
@@ -352,23 +359,18 @@ class VirtioBlk:
         self._push(head, written + 1, signal=signal)
 
     def _push(self, head: int, written: int, *, signal: bool = True) -> None:
-        q = self._queue
         try:
-            q.push(head, written)
-            if signal and q.needs_notification():
-                self._interrupt.signal(INT_USED_BUFFER)
+            self._queue.push(head, written)
         except VirtqueueError as exc:
             self._note(f"used ring: {exc}")
+            return
+        if signal:
+            self._signal_if_needed()
 
     def _signal_if_needed(self) -> None:
         q = self._queue
-        if q is None:
-            return
-        try:
-            if q.needs_notification():
-                self._interrupt.signal(INT_USED_BUFFER)
-        except VirtqueueError as exc:
-            self._note(f"used ring: {exc}")
+        if q is not None and q.needs_notification():
+            self._interrupt.signal(INT_USED_BUFFER)
 
     def _note(self, what: str) -> None:
         if len(self.metrics.errors) < 32:

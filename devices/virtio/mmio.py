@@ -116,8 +116,9 @@ class TransportMetrics:
 class VirtioInterrupt:
     """The transport's interrupt: sets InterruptStatus bits and raises the line.
 
-    ``raise_irq`` is the machine's line (an irqfd trigger); it is called only
-    when a new bit becomes pending, so an idle driver is not stormed.
+    ``raise_irq`` is the machine's line (an irqfd trigger, an edge); it is
+    called on every ``signal()``: the device decides how often to signal
+    (EVENT_IDX, batching), not the transport.
     """
 
     def __init__(self, raise_irq: Callable[[], None]) -> None:
@@ -192,9 +193,7 @@ class MmioTransport:
             return self.config_generation
         if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
             return 0xFFFF_FFFF  # no shared memory regions
-        if offset == QUEUE_RESET:
-            return 0
-        return 0  # write-only or reserved registers read as zero
+        return 0  # QueueReset, write-only and reserved registers read as zero
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.metrics.writes += 1
@@ -311,8 +310,8 @@ class MmioTransport:
                 if not q.ready:
                     queues.append(None)
                     continue
-                if not 1 <= q.size <= q.max_size or q.size & (q.size - 1):
-                    raise VirtqueueError(f"queue {index}: size {q.size} is not a power of two <= {q.max_size}")
+                if q.size > q.max_size:  # SplitQueue checks the rest (a power of two, >= 1)
+                    raise VirtqueueError(f"queue {index}: size {q.size} is above QueueNumMax {q.max_size}")
                 queues.append(SplitQueue(
                     self.memory, q.size, q.desc, q.driver, q.device,
                     event_idx=bool(self.driver_features & F_EVENT_IDX),

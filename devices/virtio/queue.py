@@ -80,7 +80,6 @@ MAX_QUEUE_SIZE = 32768
 DESC_SIZE = 16
 MAX_INDIRECT_LEN = DESC_SIZE * MAX_QUEUE_SIZE
 U64_LIMIT = 1 << 64
-U32_MAX = (1 << 32) - 1
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")

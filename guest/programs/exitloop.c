@@ -65,17 +65,23 @@ static char opt_mode[8] = "out";
 static uint32_t finished;
 static spinlock_t print_lock;
 
+/* n exits of the configured kind on port (or at mmio). */
+static void run_exits(const char *mode, uint64_t port, uint64_t size, uint64_t mmio, uint64_t n)
+{
+	if (mmio)
+		loop_mmio((uintptr_t)mmio, n);
+	else if (mode[0] == 'i')
+		loop_in((uint16_t)port, (unsigned int)size, n);
+	else
+		loop_out((uint16_t)port, (unsigned int)size, n);
+}
+
 /* The loop of one CPU; returns elapsed TSC cycles. */
 static uint64_t run_loop(unsigned int cpu)
 {
 	uint64_t t0 = rdtsc();
 
-	if (opt_mmio)
-		loop_mmio((uintptr_t)(opt_mmio + 4 * cpu), opt_n);
-	else if (opt_mode[0] == 'i')
-		loop_in((uint16_t)(opt_port + cpu), (unsigned int)opt_size, opt_n);
-	else
-		loop_out((uint16_t)(opt_port + cpu), (unsigned int)opt_size, opt_n);
+	run_exits(opt_mode, opt_port + cpu, opt_size, opt_mmio ? opt_mmio + 4 * cpu : 0, opt_n);
 	return rdtsc() - t0;
 }
 
@@ -117,17 +123,6 @@ static int main_smp(void)
 #define MAX_BATCHES 256
 
 static uint64_t batch_cycles[MAX_BATCHES], alt_cycles[MAX_BATCHES], pair_ratio[MAX_BATCHES];
-
-/* n exits of the configured kind on port (or at mmio). */
-static void run_exits(const char *mode, uint64_t port, uint64_t size, uint64_t mmio, uint64_t n)
-{
-	if (mmio)
-		loop_mmio((uintptr_t)mmio, n);
-	else if (mode[0] == 'i')
-		loop_in((uint16_t)port, (unsigned int)size, n);
-	else
-		loop_out((uint16_t)port, (unsigned int)size, n);
-}
 
 /* Insertion sort: at most MAX_BATCHES values, and this code may run
  * emulated (CPL 0 under PVM), so keep it small. */
