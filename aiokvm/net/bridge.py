@@ -196,11 +196,13 @@ class Bridge:
         if self.default_pvid:
             port.vlans[self.default_pvid] = True
             port.pvid = self.default_pvid
+        # STP validates what it keeps (path cost); it goes first, so a refused
+        # port leaves nothing behind here.
+        self.stp.add_port(name, port_no, mac=port_mac, priority=priority, path_cost=port.path_cost, now=now)
         self.ports[name] = port
         # Like the kernel, each port's own address is a local (permanent) entry.
         self._fdb[(port_mac, 0)] = FdbEntry(port_mac, 0, name, "permanent", updated=now)
         self._local_macs.add(port_mac)
-        self.stp.add_port(name, port_no, mac=port_mac, priority=priority, path_cost=port.path_cost, now=now)
         return port
 
     def remove_port(self, name: str, now: float = 0.0) -> list[tuple[str, bytes]]:
@@ -222,11 +224,11 @@ class Bridge:
             elif key == "priority":
                 if not 0 <= value <= 63:
                     raise BridgeError("port priority must be 0-63")
-                port.priority = value
                 out += self.stp.set_port_priority(name, value, now)
+                port.priority = value
             elif key == "path_cost":
+                out += self.stp.set_port_path_cost(name, value, now)  # raises on a bad cost: port unchanged
                 port.path_cost = value
-                out += self.stp.set_port_path_cost(name, value, now)
             else:
                 raise BridgeError(f"unknown port flag {key!r}")
         return out

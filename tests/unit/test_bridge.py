@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aiokvm.errors import ConfigError
 from aiokvm.net.bridge import Bridge, BridgeError
 from aiokvm.net.frames import mac_from_str, parse_ethernet, push_tag
 
@@ -197,6 +198,17 @@ def test_receive_never_raises_on_garbage(frame, port, now):
     br = bridge("p1", "p2", vlan_filtering=True, stp=True)
     br.receive(port, frame, now)
     br.tick(now + 1)
+
+
+def test_a_refused_path_cost_leaves_the_bridge_as_it_was():
+    br = bridge("p1")
+    with pytest.raises(ConfigError):
+        br.add_port("p2", path_cost=0)
+    assert "p2" not in br.ports
+    assert egress(br.receive("p1", eth(BCAST, A), 0)) == []  # nothing half-added to flood to
+    with pytest.raises(ConfigError):
+        br.set_port("p1", path_cost=0)
+    assert br.ports["p1"].path_cost == br.stp.state()["ports"]["p1"]["path_cost"]
 
 
 def test_unknown_port_is_a_caller_error():
