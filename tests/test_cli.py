@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -117,7 +118,10 @@ def test_no_ioeventfd_makes_queue_notify_an_exit(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "virtio7/ioeventfd" not in proc.stderr
     line = next(line for line in proc.stderr.splitlines() if "virtio7/loop" in line)
-    assert int(line.split()[-1]) > 20  # register accesses plus one exit per notify
+    notifies = int(re.search(r"notifies=(\d+)", proc.stdout).group(1))
+    assert notifies > 0
+    # every QueueNotify the driver wrote is an exit, on top of its ~40 register accesses
+    assert int(line.split()[-1]) >= notifies + 20
 
 
 @pytest.mark.parametrize(("spec", "fragment"), [
