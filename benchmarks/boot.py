@@ -26,6 +26,7 @@ import sys
 import time
 
 import uvloop
+from hostinfo import fmt, qemu_microvm_cmd
 
 from aiokvm import Machine, guests
 
@@ -34,23 +35,28 @@ def qemu_cmd(elf: str) -> list[str] | None:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         return None
-    return [qemu, "-enable-kvm", "-M", "microvm,acpi=off", "-cpu", "qemu64", "-m", "64M", "-nodefaults",
-            "-no-user-config", "-nographic", "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
-            "-kernel", elf]
+    return qemu_microvm_cmd(elf)
 
 
-def time_process(cmd: list[str]) -> float:
+#: what a successful boot of `hello` exits with (QEMU reports debug-exit 0 as 1)
+GOOD_STATUS = {"aiokvm-process": 0, "qemu-process": 1}
+
+
+def time_process(cmd: list[str], good: int) -> float | None:
+    """Seconds for one boot, or None if it did not end as a good boot does."""
     start = time.perf_counter()
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-    return time.perf_counter() - start
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    elapsed = time.perf_counter() - start
+    return elapsed if proc.returncode == good else None
 
 
-async def time_inprocess() -> float:
+async def time_inprocess() -> float | None:
     start = time.perf_counter()
     async with Machine(memory="64M") as vm:
         vm.load("hello")
-        await vm.run(timeout=30)
-    return time.perf_counter() - start
+        status = await vm.run(timeout=30)
+    elapsed = time.perf_counter() - start
+    return elapsed if status.code == 0 else None
 
 
 def main() -> None:
@@ -61,28 +67,31 @@ def main() -> None:
 
     elf = str(guests.path("hello"))
     paths = {"aiokvm-process": [sys.executable, "-m", "aiokvm", "run", "hello"], "qemu-process": qemu_cmd(elf)}
-    samples: dict[str, list[float]] = {name: [] for name, cmd in paths.items() if cmd}
+    # a failed boot is recorded as None: counted, never timed as a fast sample
+    samples: dict[str, list[float | None]] = {name: [] for name, cmd in paths.items() if cmd}
     samples["aiokvm-inprocess"] = []
     loop = uvloop.new_event_loop()
     loop.run_until_complete(time_inprocess())  # warm-up
     for _ in range(args.runs):
         for name, cmd in paths.items():
             if cmd:
-                samples[name].append(time_process(cmd))
+                samples[name].append(time_process(cmd, GOOD_STATUS[name]))
         samples["aiokvm-inprocess"].append(loop.run_until_complete(time_inprocess()))
     loop.close()
 
-    qemu = statistics.median(samples["qemu-process"]) if "qemu-process" in samples else None
+    good = {name: [v for v in values if v is not None] for name, values in samples.items()}
+    qemu = statistics.median(good["qemu-process"]) if good.get("qemu-process") else None
     rows = []
-    for name, values in samples.items():
-        median = statistics.median(values)
-        rows.append({"path": name, "runs": len(values), "median_ms": round(median * 1e3, 2),
-                     "min_ms": round(min(values) * 1e3, 2),
-                     "ratio_to_qemu": round(median / qemu, 3) if qemu else None})
-    print(f"{'path':<20}{'median ms':>12}{'min ms':>10}{'x QEMU':>10}")
+    for name, values in good.items():
+        median = statistics.median(values) if values else None
+        rows.append({"path": name, "runs": len(values), "failed": len(samples[name]) - len(values),
+                     "median_ms": round(median * 1e3, 2) if median else None,
+                     "min_ms": round(min(values) * 1e3, 2) if values else None,
+                     "ratio_to_qemu": round(median / qemu, 3) if qemu and median else None})
+    print(f"{'path':<20}{'median ms':>12}{'min ms':>10}{'x QEMU':>10}{'failed':>8}")
     for row in rows:
-        ratio = f"{row['ratio_to_qemu']:.2f}" if row["ratio_to_qemu"] is not None else "-"
-        print(f"{row['path']:<20}{row['median_ms']:>12.1f}{row['min_ms']:>10.1f}{ratio:>10}")
+        print(f"{row['path']:<20}{fmt(row['median_ms'], '.1f'):>12}{fmt(row['min_ms'], '.1f'):>10}"
+              f"{fmt(row['ratio_to_qemu']):>10}{row['failed']:>8}")
     if args.json_path:
         with open(args.json_path, "w") as fh:
             json.dump({"benchmark": "boot", "guest": "hello", "rows": rows}, fh, indent=2)

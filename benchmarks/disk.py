@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, field
 
 import uvloop
-from hostinfo import calibrate_tsc, machine_info
+from hostinfo import calibrate_tsc, fmt, machine_info, median_of, qemu_microvm_cmd
 
 import aiokvm
 from aiokvm import guests
@@ -192,9 +192,7 @@ def parse_output(output: bytes) -> dict:
 
 
 def qemu_cmd(elf: str, image: str, spec: Spec, append: str) -> list[str]:
-    cmd = ["qemu-system-x86_64", "-enable-kvm", "-M", "microvm,acpi=off", "-cpu", "qemu64", "-m", "64M",
-           "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
-           "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", elf, "-append", append]
+    cmd = qemu_microvm_cmd(elf, append)
     if spec.interface == "virtio":
         cmd += ["-global", "virtio-mmio.force-legacy=false",
                 "-drive", f"id=d0,file={image},format=raw,if=none", "-device", "virtio-blk-device,drive=d0"]
@@ -351,11 +349,6 @@ def make_image(path: str) -> None:
 # -- report -------------------------------------------------------------------------------------
 
 
-def median_of(samples: list[dict], key: str) -> float | None:
-    values = [s[key] for s in samples if s.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
 def rounded(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -464,10 +457,6 @@ def num_text(value: float | None, large: str = ".1f") -> str:
     if value is None:
         return "-"
     return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else format(value, large)
-
-
-def fmt(value, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(rows: list[dict], found: list[dict], info: dict, repeat: int) -> None:

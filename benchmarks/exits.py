@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import os
 import re
@@ -77,16 +76,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvloop
-from hostinfo import calibrate_tsc, machine_info
+from hostinfo import calibrate_tsc, fmt, machine_info, median_of, qemu_microvm_cmd
 
 import aiokvm
 from aiokvm import guests
 from aiokvm.handoff import DEFAULT_HANDOFF, HANDOFFS
-
-try:
-    from aiokvm.machine import IoEvent
-except ImportError:  # the kernel-side paths are not in this tree yet
-    IoEvent = None
+from aiokvm.machine import IoEvent
 
 HERE = Path(__file__).resolve().parent
 SINK_PORT = 0x80
@@ -161,18 +156,7 @@ def cmdline(n: int, cpl: int, mmio: bool = False, vcpus: int = 1) -> str:
     return " ".join(parts)
 
 
-def kernel_path_support() -> dict[str, str | None]:
-    """Why the kernel-side rows cannot run here (None: they can)."""
-    params = inspect.signature(aiokvm.Machine.add_device).parameters
-    return {
-        "ioeventfd": None if IoEvent is not None and "ioeventfds" in params
-        else "Machine.add_device(ioeventfds=) / aiokvm.machine.IoEvent not available",
-        "coalesced": None if "coalesced" in params else "Machine.add_device(coalesced=) not available",
-    }
-
-
 def build_specs(cpls: list[int], n: int, quick: bool) -> list[Spec]:
-    support = kernel_path_support()
     slow_n = max(n // 4, 100)
     specs: list[Spec] = []
     for cpl in cpls:
@@ -186,10 +170,8 @@ def build_specs(cpls: list[int], n: int, quick: bool) -> list[Spec]:
                     continue
                 specs.append(Spec(f"loop:{mech}", f"loop:{mech}", "vm", cpl, slow_n if mech in SLOW_MECHS else n,
                                   loop=loop, handoff=mech, setup="loop"))
-        for name, setup in (("ioeventfd", "ioeventfd"), ("mmio-loop", "mmio-loop"), ("coalesced", "coalesced")):
-            spec = Spec(name, name, "vm", cpl, n, loop="uvloop", setup=setup)
-            spec.unavailable = support.get(name)
-            specs.append(spec)
+        for name in ("ioeventfd", "mmio-loop", "coalesced"):
+            specs.append(Spec(name, name, "vm", cpl, n, loop="uvloop", setup=name))
         specs.append(Spec("qemu", "qemu", "qemu", cpl, n))
         if shutil.which("qemu-system-x86_64") is None:
             specs[-1].unavailable = "qemu-system-x86_64 not found"
@@ -240,12 +222,6 @@ def run_process(cmd: list[str], timeout: float = 300) -> tuple[bytes, float, flo
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=timeout, check=False)
     wall = time.perf_counter() - start
     return proc.stdout, wall, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu0
-
-
-def qemu_cmd(elf: str, append: str) -> list[str]:
-    return ["qemu-system-x86_64", "-enable-kvm", "-M", "microvm,acpi=off", "-cpu", "qemu64", "-m", "64M",
-            "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
-            "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", elf, "-append", append]
 
 
 def mode_fractions(stats: dict) -> dict | None:
@@ -301,8 +277,6 @@ class Bench:
         self.c_exe = c_exe
         self.elf = str(guests.path("exitloop"))
         self.loops = {"uvloop": uvloop.new_event_loop(), "asyncio": asyncio.new_event_loop()}
-        #: zero-exit runs: (kind, cpl, vcpus) -> list of {wall_s, cpu_s}
-        self.zero: dict[tuple, list[dict]] = {}
 
     def close(self) -> None:
         for loop in self.loops.values():
@@ -323,15 +297,10 @@ class Bench:
             out["in_run_ratio"] = batches["in_run_ratio"]
         return out
 
-    def zero_run(self, key: tuple) -> dict:
-        kind, cpl, vcpus = key
-        if kind == "qemu":
-            _, wall, cpu = run_process(qemu_cmd(self.elf, cmdline(0, cpl)))
-            sample = {"wall_s": wall, "cpu_s": cpu}
-        else:
-            raise ValueError(f"no zero run for {kind}")
-        self.zero.setdefault(key, []).append(sample)
-        return sample
+    def qemu_zero_run(self, cpl: int) -> dict:
+        """QEMU booting the guest with no exits to make: the process cost to take out."""
+        _, wall, cpu = run_process(qemu_microvm_cmd(self.elf, cmdline(0, cpl)))
+        return {"wall_s": wall, "cpu_s": cpu}
 
     def measure(self, spec: Spec) -> dict:
         start = time.perf_counter()
@@ -348,8 +317,8 @@ class Bench:
             return {**self.per_exit(cycles, parse_batches(out)), "wall_s": wall, "cpu_s": cpu,
                     "exits": spec.n}
         if spec.kind == "qemu":
-            zero = self.zero_run(("qemu", spec.cpl, 1))
-            out, wall, cpu = run_process(qemu_cmd(self.elf, cmdline(spec.n, spec.cpl)))
+            zero = self.qemu_zero_run(spec.cpl)
+            out, wall, cpu = run_process(qemu_microvm_cmd(self.elf, cmdline(spec.n, spec.cpl)))
             cycles = parse_cycles(out)
             if cycles is None:
                 raise RuntimeError(f"QEMU guest printed no cycles line: {out[-200:]!r}")
@@ -359,12 +328,9 @@ class Bench:
                     # whole-process cost minus a zero-exit run, per exit (both addresses)
                     "us_process": (wall - zero["wall_s"]) / every_exit * 1e6,
                     "cpu_s": max(cpu - zero["cpu_s"], 0.0)}
-        loop = self.loops[spec.loop]
-        if spec.kind == "vm":
-            sample = loop.run_until_complete(run_vm(spec))
-            sample.update(self.per_exit(sample["cycles"], sample.pop("batches")))
-            return sample
-        raise ValueError(f"unknown kind {spec.kind}")
+        sample = self.loops[spec.loop].run_until_complete(run_vm(spec))  # kind "vm"
+        sample.update(self.per_exit(sample["cycles"], sample.pop("batches")))
+        return sample
 
 
 # -- setup -------------------------------------------------------------------------------
@@ -384,11 +350,6 @@ def build_tools(tmp: str) -> tuple[str | None, float | None, str | None]:
 
 
 # -- report -------------------------------------------------------------------------------
-
-
-def median_of(samples: list[dict], key: str) -> float | None:
-    values = [s[key] for s in samples if s.get(key) is not None]
-    return statistics.median(values) if values else None
 
 
 def c_reference(c_samples: list[dict], t: float, key: str) -> float | None:
@@ -487,7 +448,6 @@ def summarize(specs: list[Spec]) -> list[dict]:
             # writes the device saw (all n unless a path lost some) and aiokvm's path counters, last run
             row["delivered_writes"] = spec.samples[-1].get("delivered")
             row["paths"] = spec.samples[-1].get("paths")
-        if spec.kind == "vm" and spec.samples:
             # times the loop poller went to sleep (spin/wake); many means it lost the CPU race
             row["loop_idle_sleeps"] = median_of(spec.samples, "idle_sleeps")
         if spec.kind == "qemu" and spec.samples:
@@ -521,10 +481,6 @@ def bars(rows: list[dict]) -> list[dict]:
                       "ratio_to_c_paired": row["ratio_to_c_paired"], "ratio_in_run": row["ratio_in_run"],
                       "met": None if ratio is None else ratio <= target})
     return found
-
-
-def fmt(value, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(rows: list[dict], info: dict) -> None:

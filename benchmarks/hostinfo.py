@@ -58,3 +58,27 @@ def machine_info(tsc_hz: float, tsc_source: str, **extra) -> dict:
         **extra,
         "loadavg_end": os.getloadavg(),
     }
+
+
+# -- shared by the benchmarks ----------------------------------------------------------
+
+
+def qemu_microvm_cmd(elf: str, append: str | None = None, *extra: str) -> list[str]:
+    """QEMU microvm booting ``elf`` the way every benchmark compares against:
+    64 MiB, serial on stdio, isa-debug-exit at 0xf4."""
+    cmd = ["qemu-system-x86_64", "-enable-kvm", "-M", "microvm,acpi=off", "-cpu", "qemu64", "-m", "64M",
+           "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+           "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", elf]
+    if append is not None:
+        cmd += ["-append", append]
+    return cmd + list(extra)
+
+
+def median_of(samples: list[dict], key: str) -> float | None:
+    """The median of ``key`` over the samples that have it."""
+    values = [s[key] for s in samples if s.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
