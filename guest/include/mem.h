@@ -22,6 +22,5 @@ void *mem_alloc(size_t size, size_t align);
 void *mem_zalloc(size_t size, size_t align);
 
 /* Bytes still available (ignoring alignment). */
-uint64_t mem_free_bytes(void);
 
 #endif

@@ -159,11 +159,9 @@ struct vblk {
 	unsigned int max_tags;
 	struct vblk_tagmem *tm;  /* [max_tags] */
 	int16_t head_tag[VBLK_QSIZE_CAP];  /* head descriptor -> tag */
-	uint16_t tag_head[VBLK_MAX_TAGS];
 	uint8_t tag_busy[VBLK_MAX_TAGS];   /* submitted, not completed */
 	uint8_t tag_done[VBLK_MAX_TAGS];   /* completed, not yet collected */
 	uint16_t tag_status[VBLK_MAX_TAGS];
-	uint32_t tag_used_len[VBLK_MAX_TAGS];
 };
 
 /* Options for vblk_open (bit flags). */

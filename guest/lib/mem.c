@@ -72,10 +72,3 @@ void *mem_zalloc(size_t size, size_t align)
 		memset(p, 0, size);
 	return p;
 }
-
-uint64_t mem_free_bytes(void)
-{
-	if (!arena_ready)
-		arena_init();
-	return arena_limit > arena_next ? arena_limit - arena_next : 0;
-}

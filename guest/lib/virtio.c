@@ -401,7 +401,6 @@ int vblk_submit(struct vblk *v, unsigned int tag, uint32_t type,
 	}
 
 	v->head_tag[head] = (int16_t)tag;
-	v->tag_head[tag] = head;
 	v->tag_busy[tag] = 1;
 
 	/* Publish: ring entry, then (after everything above) the index. */
@@ -449,7 +448,7 @@ unsigned int vblk_poll(struct vblk *v)
 	while (v->last_used != end) {
 		const struct vring_used_elem *e =
 			&v->used->ring[v->last_used & (v->qsize - 1)];
-		uint32_t id = e->id, len = e->len;
+		uint32_t id = e->id;
 		int tag;
 
 		v->last_used++;
@@ -461,7 +460,6 @@ unsigned int vblk_poll(struct vblk *v)
 		v->head_tag[id] = -1;
 		free_chain(v, (uint16_t)id);
 		v->tag_status[tag] = v->tm[tag].status;
-		v->tag_used_len[tag] = len;
 		v->tag_busy[tag] = 0;
 		v->tag_done[tag] = 1;
 		n++;

@@ -201,21 +201,6 @@ int main(void)
 	uint64_t t0, t1, batch;
 
 	opt_str("mode", mode, sizeof(mode));
-	opt_cpus = opt_u64("cpus", 1);
-	if (opt_cpus > 1 && opt_cpus <= MAX_CPUS) {
-		opt_n = n;
-		opt_port = port;
-		opt_size = size;
-		opt_mmio = opt_present("mmio") ? mmio : 0;
-		opt_tsc = opt_u64("tsc", 0);
-		memcpy(opt_mode, mode, sizeof(opt_mode));
-		if ((size != 1 && size != 2 && size != 4) ||
-		    (strcmp(mode, "out") != 0 && strcmp(mode, "in") != 0)) {
-			printf("exitloop: bad size or mode\n");
-			return 2;
-		}
-		return main_smp();
-	}
 	if (size != 1 && size != 2 && size != 4) {
 		printf("exitloop: bad size=%lu\n", size);
 		return 2;
@@ -223,6 +208,16 @@ int main(void)
 	if (strcmp(mode, "out") != 0 && strcmp(mode, "in") != 0) {
 		printf("exitloop: bad mode=%s\n", mode);
 		return 2;
+	}
+	opt_cpus = opt_u64("cpus", 1);
+	if (opt_cpus > 1 && opt_cpus <= MAX_CPUS) {
+		opt_n = n;
+		opt_port = port;
+		opt_size = size;
+		opt_mmio = mmio; /* 0 when absent: no MMIO */
+		opt_tsc = opt_u64("tsc", 0);
+		memcpy(opt_mode, mode, sizeof(opt_mode));
+		return main_smp();
 	}
 
 	batch = opt_u64("batch", 0);
@@ -235,10 +230,9 @@ int main(void)
 	if (batch) {
 		uint64_t altn = opt_u64("altn", batch);
 
-		t1 = t0 + run_batches(mode, port, size, opt_present("mmio") ? mmio : 0, n, batch, opt_u64("alt", 0),
-				      altn ? altn : batch);
+		t1 = t0 + run_batches(mode, port, size, mmio, n, batch, opt_u64("alt", 0), altn ? altn : batch);
 	} else {
-		run_exits(mode, port, size, opt_present("mmio") ? mmio : 0, n);
+		run_exits(mode, port, size, mmio, n);
 		t1 = rdtsc();
 	}
 
