@@ -31,6 +31,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .frames import (
+    BROADCAST,
+    ETH_HLEN,
+    ETH_P_8021AD,
+    ETH_P_8021Q,
+    LINK_LOCAL_PREFIX,
     bridge_id,
     format_bridge_id,
     is_multicast,
@@ -39,12 +44,8 @@ from .frames import (
 )
 from .stp import PortState, Stp
 
-MIN_FRAME = 14          # an Ethernet header
+MIN_FRAME = ETH_HLEN    # an Ethernet header
 MAX_FRAME = 9018        # jumbo payload 9000 + header + one tag
-ETH_P_8021Q = 0x8100
-ETH_P_8021AD = 0x88A8
-LINK_LOCAL_PREFIX = bytes.fromhex("0180c20000")
-BROADCAST_MAC = b"\xff" * 6
 ZERO_MAC = b"\0" * 6
 DEFAULT_PATH_COST = 100  # the kernel's cost for a 10 Mb/s (or unknown speed) port
 
@@ -450,7 +451,7 @@ class Bridge:
             return []
 
         if dst[0] & 1:
-            if dst == BROADCAST_MAC:
+            if dst == BROADCAST:
                 targets = [p for p in self.ports.values() if p.bcast_flood]
             else:
                 targets = [p for p in self.ports.values() if p.mcast_flood]
