@@ -300,10 +300,7 @@ class Stp:
             if p.state != PortState.DISABLED and self._is_designated(p):
                 p.designated_bridge = new_id
         self.bridge_id = new_id
-        self._configuration_update()
-        self._port_state_selection()
-        if self.is_root() and not was_root:
-            self._become_root_bridge()
+        self._reselect(was_root)
         return self._take()
 
     def set_timers(
@@ -325,9 +322,7 @@ class Stp:
         if forward_delay is not None:
             self.bridge_forward_delay = float(forward_delay)
         if self.is_root():
-            self.hello_time = self.bridge_hello_time
-            self.max_age = self.bridge_max_age
-            self.forward_delay = self.bridge_forward_delay
+            self._use_own_times()
         return self._take()
 
     def set_enabled(self, enabled: bool, now: float) -> Frames:
@@ -600,15 +595,23 @@ class Stp:
         p.topology_change_ack = False
         p.config_pending = False
         p.message_age_timer = p.forward_delay_timer = p.hold_timer = None
+        self._reselect(was_root)
+
+    def _use_own_times(self) -> None:
+        """Operate with our own timer values (we are, or start as, the root)."""
+        self.max_age = self.bridge_max_age
+        self.hello_time = self.bridge_hello_time
+        self.forward_delay = self.bridge_forward_delay
+
+    def _reselect(self, was_root: bool) -> None:
+        """Pick roles and states again after a change; if that made us the root, act as one."""
         self._configuration_update()
         self._port_state_selection()
         if self.is_root() and not was_root:
             self._become_root_bridge()
 
     def _become_root_bridge(self) -> None:
-        self.max_age = self.bridge_max_age
-        self.hello_time = self.bridge_hello_time
-        self.forward_delay = self.bridge_forward_delay
+        self._use_own_times()
         self._topology_change_detection()
         self.tcn_timer = None
         self._config_bpdu_generation()
@@ -620,9 +623,7 @@ class Stp:
         self.designated_root = self.bridge_id
         self.root_path_cost = 0
         self._root_port = None
-        self.max_age = self.bridge_max_age
-        self.hello_time = self.bridge_hello_time
-        self.forward_delay = self.bridge_forward_delay
+        self._use_own_times()
         self._topology_change = False
         self.topology_change_detected = False
         self.tcn_timer = self.topology_change_timer = None
@@ -759,10 +760,7 @@ class Stp:
             return
         was_root = self.is_root()
         self._become_designated_port(p)
-        self._configuration_update()
-        self._port_state_selection()
-        if self.is_root() and not was_root:
-            self._become_root_bridge()
+        self._reselect(was_root)
 
     def _forward_delay_timer_expired(self, p: _Port, now: float) -> None:
         p.forward_delay_timer = None
