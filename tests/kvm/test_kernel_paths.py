@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from aiokvm import ConfigError, IoEvent, Machine
+from tests.kvm.host import pvm_host
 
 pytestmark = pytest.mark.kvm
 
@@ -82,11 +81,6 @@ async def test_coalesced_needs_a_loop_hosted_device():
         vm.add_device(Recorder(), pio=(0x80, 1))  # the failed attempts left nothing claimed
 
 
-def _is_pvm() -> bool:
-    return os.path.exists("/sys/module/kvm_pvm") and not (
-        os.path.exists("/sys/module/kvm_intel") or os.path.exists("/sys/module/kvm_amd"))
-
-
 @pytest.mark.parametrize("mmio", [False, True])
 async def test_our_user_exit_count_matches_kvms(mmio):
     n = 20000
@@ -98,7 +92,7 @@ async def test_our_user_exit_count_matches_kvms(mmio):
     ours, kvm = v["user_exits"], v["kvm"]
     if mmio:
         assert kvm["mmio_exits"] == n  # KVM counts MMIO exits to user mode exactly
-    if _is_pvm():
+    if pvm_host():
         # PVM never counts io_exits; its "exits" counts (almost) only exits to user mode.
         assert abs(kvm["exits"] - ours) <= 0.005 * ours, (kvm["exits"], ours)
         assert kvm["fpu_reload"] == ours  # one FPU reload per return to user mode

@@ -11,6 +11,7 @@ from aiokvm import Machine
 from aiokvm.errors import KvmError
 from aiokvm.kvm import Kvm
 from aiokvm.kvm.stats import KvmStats, StatDescriptor
+from tests.kvm.host import open_fds, pvm_host
 
 pytestmark = pytest.mark.kvm
 
@@ -18,17 +19,6 @@ pytestmark = pytest.mark.kvm
 EXIT_STATS = ("exits", "io_exits", "mmio_exits", "halt_exits", "signal_exits", "insn_emulation")
 KINDS = {"cumulative", "instant", "peak", "linear_hist", "log_hist"}
 UNITS = {"none", "bytes", "seconds", "cycles", "boolean"}
-
-
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _pvm_host() -> bool:
-    """KVM provided by PVM (kvm_pvm) rather than VMX or SVM."""
-    return os.path.isdir("/sys/module/kvm_pvm") and not any(
-        os.path.isdir(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd")
-    )
 
 
 @pytest.fixture
@@ -91,22 +81,22 @@ def test_vm_and_vcpu_stats_parse_and_read(vm_and_vcpu):
 def test_close_releases_the_fd(vm_and_vcpu):
     vm, vcpu = vm_and_vcpu
     gc.collect()  # let fds of earlier tests' garbage close now, not mid-count
-    before = _fds()
+    before = open_fds()
     stats = KvmStats.for_vcpu(vcpu)
-    assert _fds() == before + 1
+    assert open_fds() == before + 1
     assert "kvm-vcpu-stats" in os.readlink(f"/proc/self/fd/{stats.fd}")
     stats.close()
-    assert _fds() <= before  # (an unrelated fd freed meanwhile is fine, hence <=)
+    assert open_fds() <= before  # (an unrelated fd freed meanwhile is fine, hence <=)
     assert stats.closed
     stats.close()  # idempotent
     with pytest.raises(KvmError, match="closed"):
         stats.read()
 
     with KvmStats.for_vm(vm) as vm_stats:
-        assert _fds() == before + 1
+        assert open_fds() == before + 1
         assert "kvm-vm-stats" in os.readlink(f"/proc/self/fd/{vm_stats.fd}")
     assert vm_stats.closed
-    assert _fds() <= before
+    assert open_fds() <= before
 
 
 def test_closed_vcpu_is_a_clear_error():
@@ -156,7 +146,7 @@ async def test_exit_counters_during_a_real_run(cmdline, kind):
     if kind == "pio":
         assert vmm["exits"]["io"] >= n
         if "io_exits" in delta:
-            if _pvm_host():
+            if pvm_host():
                 # PVM emulates port I/O through the instruction emulator and
                 # never counts io_exits (observed: 0 for 5000 port writes).
                 assert delta["io_exits"] == 0 or delta["io_exits"] >= n

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import re
 import threading
 
@@ -12,6 +11,7 @@ import pytest
 
 import aiokvm
 from aiokvm import ConfigError, ExitStatus, GuestError, Machine, MachineTimeout
+from tests.kvm.host import open_fds
 
 pytestmark = pytest.mark.kvm
 
@@ -147,10 +147,6 @@ async def test_timeout_raises_machine_timeout():
         assert not any(t.thread.is_alive() for t in vm._threads)
 
 
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_cancel_and_close_leak_no_fds_or_threads():
     async def cycle(i: int) -> None:
@@ -168,13 +164,13 @@ async def test_cancel_and_close_leak_no_fds_or_threads():
 
     await cycle(0)  # warm-up: lazy imports, signal handler
     gc.collect()
-    fds, threads = _fds(), threading.active_count()
+    fds, threads = open_fds(), threading.active_count()
     for i in range(50):
         await cycle(i)
     gc.collect()
     # Each cycle opens 3+ fds (kvm, vm, vcpu) and one thread; none may remain.
     # (Unrelated fds left by earlier tests may close meanwhile, hence <=.)
-    assert _fds() <= fds
+    assert open_fds() <= fds
     assert threading.active_count() <= threads
 
 
