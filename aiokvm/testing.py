@@ -283,11 +283,13 @@ class LinkSimulator:
         self._deliver(br.receive(port, frame, self.now), br)
 
     def _deliver(self, out, source) -> None:
-        queue = [(source, port, frame) for port, frame in out]
+        queue = deque((source, port, frame) for port, frame in out)
+        budget = self.max_frames  # per burst: a loop detector, not a lifetime cap
         while queue:
-            br, port, frame = queue.pop(0)
+            br, port, frame = queue.popleft()
             self.delivered += 1
-            if self.delivered > self.max_frames:
+            budget -= 1
+            if budget < 0:
                 raise RuntimeError("frame storm: more than max_frames deliveries (a forwarding loop?)")
             host = self.hosts.get((id(br), port))
             if host is not None:
