@@ -30,7 +30,7 @@ import structlog
 
 from .bus import Bus, HandlerMode, Region
 from .cpu.exits import Direction, IoExit
-from .cpu.kvm import decode_exit
+from .cpu.vcpu_thread import decode_exit
 from .errors import DeviceError
 from .handoff import MASKS
 from .kvm import ffi, lib

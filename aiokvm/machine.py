@@ -22,7 +22,7 @@ import structlog
 from . import boot, guests
 from .bus import Bus, HandlerMode, Region, Space
 from .cpu.exits import FailEntry, Halt, InternalError, Shutdown, SystemEvent, SystemEventType
-from .cpu.kvm import VcpuThread, guest_error
+from .cpu.vcpu_thread import VcpuThread, ensure_kick_handler, guest_error
 from .devices.console import COM1_IRQ, COM1_PORT, SerialConsole
 from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from .dispatch import Dispatcher
@@ -94,6 +94,7 @@ class Machine:
         self._sample_every = sample_every
         self._slot_server: SlotServer | None = None
         self._paused = False
+        self._park_waiter: asyncio.Future | None = None
         self.name = name or f"vm{next(_machine_ids)}"
         self._serial_output = serial_output
         self._serial_input = serial_input
@@ -426,13 +427,14 @@ class Machine:
             raise ConfigError("load a guest before run(): vm.load('hello')")
         if self._running or self._threads:
             raise ConfigError(f"machine {self.name} is already running or has run; create a new Machine")
+        ensure_kick_handler()  # before anything starts: refuses if the application owns the signal
         self._running = True
         self._outcome = self._loop.create_future()
         self._stopping = False
         context = {"vm": self.name}
         self._threads = [
             VcpuThread(vcpu, self.dispatcher, on_exit=self._on_exit, on_stop=self._on_vcpu_stop, context=context,
-                       sample_every=self._sample_every, spin_us=self._spin_us)
+                       sample_every=self._sample_every, spin_us=self._spin_us, on_park=self._vcpu_parked)
             for vcpu in self.vcpus
         ]
         if self.handoff_name in C_MECHANISMS:
@@ -510,7 +512,8 @@ class Machine:
         """Hold every vCPU outside KVM_RUN; returns once all are parked.
 
         A loop-hosted access in flight completes first.  ``resume()``
-        continues exactly where each vCPU stopped.
+        continues exactly where each vCPU stopped.  Raises ``MachineTimeout``
+        if a vCPU has not parked within ``timeout`` seconds.
         """
         if not self._running:
             raise ConfigError(f"machine {self.name} is not running")
@@ -518,13 +521,34 @@ class Machine:
         for thread in self._threads:
             thread.pause()
         deadline = self._loop.time() + timeout
-        while not all(t.parked.is_set() or not t.thread.is_alive() for t in self._threads):
-            if self._loop.time() > deadline:
+        while True:
+            # Arm the waiter before looking, so a park in between still wakes us.
+            self._park_waiter = self._loop.create_future()
+            if all(t.parked.is_set() or not t.thread.is_alive() for t in self._threads):
+                break
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
                 raise MachineTimeout(f"vCPUs of {self.name} did not park within {timeout:g}s")
-            await asyncio.sleep(0.0005)
+            await asyncio.wait([self._park_waiter], timeout=remaining)
+        self._park_waiter = None
+        self._log.info("machine paused")
+
+    def _vcpu_parked(self, index: int) -> None:
+        """A vCPU parked or ended (its thread): wake a waiting ``pause()``."""
+        try:
+            self._loop.call_soon_threadsafe(self._wake_pauser)
+        except RuntimeError:  # pragma: no cover - loop already closed
+            pass
+
+    def _wake_pauser(self) -> None:
+        waiter = self._park_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def resume(self) -> None:
         """Let paused vCPUs run again."""
+        if self._paused:
+            self._log.info("machine resumed")
         self._paused = False
         for thread in self._threads:
             thread.resume()
@@ -586,6 +610,7 @@ class Machine:
         raise guest_error(thread, exit, f"unhandled KVM exit {exit.reason}")
 
     def _on_vcpu_stop(self, index: int, error: BaseException | None) -> None:
+        self._vcpu_parked(index)  # a pause() waiting for this vCPU stops waiting
         if error is None or isinstance(error, HandoffCancelled):
             return
         if not isinstance(error, AiokvmError):

@@ -248,7 +248,6 @@ uint32_t aiokvm_nonzero(const uint64_t *counts, uint32_t len, uint32_t *keys, ui
 /* ---- helpers (aiokvm/kvm/_helpers.h); all return -errno on failure ---- */
 int aiokvm_ioctl(int fd, unsigned long request, void *arg);
 long aiokvm_ioctl_int(int fd, unsigned long request, unsigned long arg);
-int aiokvm_run(int vcpu_fd);
 int aiokvm_install_kick_handler(int signo);
 """
 

@@ -25,33 +25,26 @@ static long aiokvm_ioctl_int(int fd, unsigned long request, unsigned long arg)
     return rc < 0 ? -errno : rc;
 }
 
-/* One KVM_RUN.  Unlike CPython's fcntl.ioctl this does not retry on EINTR:
- * a kick (immediate_exit + signal) must reach the caller. */
-static int aiokvm_run(int vcpu_fd)
-{
-    int rc = ioctl(vcpu_fd, KVM_RUN, 0);
-    return rc < 0 ? -errno : rc;
-}
-
 static void aiokvm_noop_signal(int signo)
 {
     (void)signo;
 }
 
-/* Install a no-op handler for the kick signal, unless the application
- * already handles it (any handler interrupts KVM_RUN equally well).
- * SIG_DFL would kill the process and SIG_IGN would not interrupt KVM_RUN,
- * so both are replaced.  Returns 1 if installed, 0 if left alone. */
+/* Install the no-op handler for the vCPU kick signal.  Returns 1 if it was
+ * installed now, 0 if it already was, -EBUSY if the application handles the
+ * signal itself (its handler would run on every kick, so aiokvm refuses to
+ * share it), or -errno.  SIG_DFL is replaced (it would kill the process on an
+ * RT signal); SIG_IGN too (an ignored signal does not interrupt KVM_RUN). */
 static int aiokvm_install_kick_handler(int signo)
 {
     struct sigaction old, sa;
     if (sigaction(signo, NULL, &old) < 0)
         return -errno;
-    if (!(old.sa_flags & SA_SIGINFO) &&
-        old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN)
+    if (!(old.sa_flags & SA_SIGINFO) && old.sa_handler == aiokvm_noop_signal)
         return 0;
-    if ((old.sa_flags & SA_SIGINFO) && old.sa_sigaction != NULL)
-        return 0;
+    if ((old.sa_flags & SA_SIGINFO) ? old.sa_sigaction != NULL
+                                    : (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN))
+        return -EBUSY;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = aiokvm_noop_signal;
     sigemptyset(&sa.sa_mask);

@@ -42,6 +42,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import KvmError
+from ._fd import FdOwner
 from ._ffi import ffi, lib
 
 __all__ = ["KvmStats", "StatDescriptor"]
@@ -99,7 +100,7 @@ class StatDescriptor:
         return self.kind in ("linear_hist", "log_hist")
 
 
-class KvmStats:
+class KvmStats(FdOwner):
     """Reader for one KVM binary stats fd (per VM or per vCPU).
 
     Takes ownership of ``fd``: ``close()`` (or leaving a ``with`` block)
@@ -210,27 +211,6 @@ class KvmStats:
         return values
 
     # -- lifetime -----------------------------------------------------------------
-    @property
-    def closed(self) -> bool:
-        return self.fd < 0
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> KvmStats:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # last resort: never leak the fd
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self.fd}"
         return f"<KvmStats {getattr(self, 'id', '?')!r} {len(getattr(self, 'descriptors', []))} stats {state}>"

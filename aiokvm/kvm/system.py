@@ -6,6 +6,7 @@ import errno
 import os
 
 from ..errors import KvmError, KvmUnavailableError
+from ._fd import FdOwner
 from ._ffi import ffi, ioctl_int, lib
 
 DEV_KVM = "/dev/kvm"
@@ -18,7 +19,7 @@ CAPABILITIES: dict[str, int] = {
 }
 
 
-class Kvm:
+class Kvm(FdOwner):
     """The KVM system fd.  Use as a context manager or call ``close()``."""
 
     def __init__(self, path: str = DEV_KVM) -> None:
@@ -79,20 +80,3 @@ class Kvm:
 
         fd = ioctl_int(self.fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         return VmFd(self, fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Kvm:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # last resort: never leak the fd
-        try:
-            self.close()
-        except Exception:
-            pass

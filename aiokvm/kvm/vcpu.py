@@ -1,21 +1,21 @@
-"""``VcpuFd``: one vCPU (registers, CPUID, MP state, KVM_RUN and its ``kvm_run`` page)."""
+"""``VcpuFd``: one vCPU (registers, CPUID, MP state and its ``kvm_run`` page)."""
 
 from __future__ import annotations
 
 import mmap
 import os
 
+from ._fd import FdOwner
 from ._ffi import check, ffi, ioctl, lib
 
 SEGMENT_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
 
 
-class VcpuFd:
+class VcpuFd(FdOwner):
     """A vCPU fd plus its mmap'd ``struct kvm_run``.
 
-    ``run()`` may be called from any one thread at a time; it releases the
-    GIL for the duration of KVM_RUN.  ``kick()`` may be called from any
-    thread to make a KVM_RUN in progress (or the next one) return.
+    KVM_RUN itself is issued by the C vCPU loop (``_vcpu_loop.h``), which
+    gets ``fd`` and ``run_struct``; this class sets the vCPU up and owns both.
     """
 
     def __init__(self, vm, index: int, fd: int) -> None:
@@ -74,11 +74,7 @@ class VcpuFd:
     def stats_fd(self) -> int:
         return check(lib.aiokvm_ioctl_int(self.fd, lib.KVM_GET_STATS_FD, 0), "KVM_GET_STATS_FD (vcpu)")
 
-    # -- running -------------------------------------------------------------------
-    def run(self) -> int:
-        """One KVM_RUN; returns 0 or ``-errno`` (``-EINTR`` after a kick)."""
-        return lib.aiokvm_run(self.fd)
-
+    # -- the kvm_run page ------------------------------------------------------------
     @property
     def immediate_exit(self) -> bool:
         return bool(self.run_struct.immediate_exit)
@@ -87,9 +83,7 @@ class VcpuFd:
     def immediate_exit(self, value: bool) -> None:
         self.run_struct.immediate_exit = 1 if value else 0
 
-    def close(self) -> None:
-        if self.fd < 0:
-            return
+    def _release(self) -> None:
         # Drop every view of the mmap before closing it.
         self.run_buffer.release()
         self.run_struct = None
@@ -98,11 +92,3 @@ class VcpuFd:
             self._mmap.close()
         except BufferError:
             pass  # a cffi view still alive; the mmap goes with the object
-        os.close(self.fd)
-        self.fd = -1
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -3,18 +3,16 @@ ioeventfd, irqfd, coalesced MMIO)."""
 
 from __future__ import annotations
 
-import os
-
+from ._fd import FdOwner
 from ._ffi import ffi, ioctl, ioctl_int, lib
 
 
-class VmFd:
+class VmFd(FdOwner):
     """A KVM VM fd.  Created by ``Kvm.create_vm()``."""
 
     def __init__(self, kvm, fd: int) -> None:
         self.kvm = kvm
         self.fd = fd
-        self._irq = ffi.new("struct kvm_irq_level *")
 
     # -- memory -------------------------------------------------------------
     def set_user_memory_region(
@@ -106,14 +104,3 @@ class VmFd:
 
         fd = ioctl_int(self.fd, lib.KVM_CREATE_VCPU, index, f"KVM_CREATE_VCPU {index}")
         return VcpuFd(self, index, fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -7,14 +7,31 @@ exits, kicks and errors.  Non-I/O exits are decoded into values from
 ``exits.py``; anything the owner cannot continue from ends the thread and is
 reported through ``on_stop``.
 
-Kicking: ``kick()`` sets ``kvm_run.immediate_exit`` and sends the kick signal
-(SIGUSR1, no-op handler) to the thread.  Whether the thread is inside KVM_RUN
-(the signal interrupts it) or about to enter (immediate_exit makes it return
-at once), KVM_RUN returns ``-EINTR`` and the thread looks at its flags.
+Kicking (``kick()``, any thread) sets three things, in this order: the
+request (``_stop`` or ``_paused``, set by the caller before it kicks), the
+C loop's ``ctx.stop`` flag and ``kvm_run.immediate_exit``, then sends the
+kick signal to the thread.  Wherever the thread is, one of them makes the C
+loop return ``AIOKVM_RC_INTR``: inside KVM_RUN the signal interrupts it,
+just before it ``immediate_exit`` makes it return at once, and between runs
+the loop looks at ``ctx.stop``.  The thread then **clears** ``ctx.stop`` and
+``immediate_exit`` **before** it looks at the requests, so a kick that lands
+between the two is never erased: either the thread sees its request now, or
+the flags stay set and the next run returns at once.  (Python code of both
+threads is ordered by the GIL, whose handoffs are full barriers.)
+
+The kick signal is ``KICK_SIGNAL``, a real-time signal (``SIGRTMIN + 4``)
+with a no-op handler.  Its only job is to interrupt KVM_RUN; it is
+thread-directed (``pthread_kill``) and never reaches an application that
+does not handle it.  Starting a vCPU refuses, with ``ConfigError``, when the
+application already handles that signal, because its handler would run on
+every kick.  (QEMU uses SIGUSR1 and Firecracker ``SIGRTMIN + 0``; SIGUSR1 is
+commonly used by applications, and the first real-time signals by threading
+libraries, hence the offset.)
 """
 
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 import time
@@ -22,7 +39,7 @@ from collections.abc import Callable
 
 import structlog
 
-from ..errors import DeviceError, GuestError, HandoffCancelled, KvmError
+from ..errors import ConfigError, DeviceError, GuestError, HandoffCancelled, KvmError
 from ..kvm import VcpuFd, ffi, lib
 from ..metrics import LatencyHistograms, VcpuMetrics
 from ..procstat import read_thread_times_precise
@@ -41,7 +58,8 @@ from .exits import (
 
 log = structlog.get_logger("aiokvm.cpu")
 
-KICK_SIGNAL = signal.SIGUSR1
+#: the real-time signal that interrupts KVM_RUN (see the module docstring)
+KICK_SIGNAL = signal.SIGRTMIN + 4
 
 _EXIT_NAMES = {
     getattr(lib, name): name[len("KVM_EXIT_"):].lower()
@@ -49,19 +67,20 @@ _EXIT_NAMES = {
     if name.startswith("KVM_EXIT_") and name not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")
 }
 
-_kick_handler_lock = threading.Lock()
-_kick_handler_installed = False
-
 
 def ensure_kick_handler() -> None:
-    """Install the no-op kick-signal handler once per process."""
-    global _kick_handler_installed
-    with _kick_handler_lock:
-        if not _kick_handler_installed:
-            rc = lib.aiokvm_install_kick_handler(int(KICK_SIGNAL))
-            if rc < 0:
-                raise KvmError(-rc, "installing the vCPU kick signal handler")
-            _kick_handler_installed = True
+    """Install the no-op kick-signal handler (once; checked at every vCPU start).
+
+    Raises ``ConfigError`` when the application handles ``KICK_SIGNAL`` itself.
+    """
+    rc = lib.aiokvm_install_kick_handler(int(KICK_SIGNAL))
+    if rc == -errno.EBUSY:
+        raise ConfigError(
+            f"signal SIGRTMIN+{int(KICK_SIGNAL) - int(signal.SIGRTMIN)} ({int(KICK_SIGNAL)}) already has a handler; "
+            "aiokvm uses it to kick vCPU threads out of KVM_RUN: remove that handler (signal.signal(..., SIG_DFL))"
+        )
+    if rc < 0:
+        raise KvmError(-rc, "installing the vCPU kick signal handler")
 
 
 def decode_exit(run) -> object:
@@ -106,7 +125,7 @@ class VcpuThread:
     accesses the C loop returns to Python; ``on_exit(vcpu, exit)`` every
     non-I/O exit (it raises ``GuestError`` to stop); ``on_stop(vcpu, error)``
     is called once from this thread when it ends (``error`` is None for a
-    requested stop).
+    requested stop); ``on_park(vcpu)`` from this thread when it has parked.
     """
 
     def __init__(
@@ -119,6 +138,7 @@ class VcpuThread:
         context: dict | None = None,
         sample_every: int = 1,
         spin_us: float = 200.0,
+        on_park: Callable[[int], None] | None = None,
     ) -> None:
         self.vcpu = vcpu
         self.index = vcpu.index
@@ -139,6 +159,7 @@ class VcpuThread:
         dispatcher.bus.fill_tables(ctx)
         self._on_exit = on_exit
         self._on_stop = on_stop
+        self._on_park = on_park
         self._context = context or {}
         self._stop = False
         self._paused = False
@@ -173,7 +194,6 @@ class VcpuThread:
     def resume(self) -> None:
         with self._resume:
             self._paused = False
-            self.ctx.stop = 0
             self._resume.notify_all()
 
     def kick(self) -> None:
@@ -252,14 +272,16 @@ class VcpuThread:
                 except HandoffCancelled:
                     return
             elif rc == RC_INTR:
+                # Clear first, look after: a kick landing in between keeps its
+                # flags set and makes the next run return at once.
+                ctx.stop = 0
+                self.vcpu.run_struct.immediate_exit = 0
                 if self._stop:
                     return
                 if self._paused:
                     self._park()
                     if self._stop:
                         return
-                ctx.stop = 0
-                self.vcpu.run_struct.immediate_exit = 0
             elif rc == RC_OTHER:
                 exit = decode_exit(self.vcpu.run_struct)
                 self.metrics.exits[exit.reason] += 1
@@ -274,6 +296,8 @@ class VcpuThread:
     def _park(self) -> None:
         with self._resume:
             self.parked.set()
+            if self._on_park is not None:
+                self._on_park(self.index)
             while self._paused and not self._stop:
                 self._resume.wait()
             self.parked.clear()
