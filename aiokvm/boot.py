@@ -1,10 +1,12 @@
-"""Guest loading: ELF64 parsing and the PVH boot protocol, as QEMU does it.
+"""Guest loading: ELF parsing and the PVH boot protocol, as QEMU does it.
 
-The guest is an ELF64 x86-64 executable with a ``Xen`` note of type 18
-(``XEN_ELFNOTE_PHYS32_ENTRY``).  Its PT_LOAD segments are copied to their
-physical addresses, ``struct hvm_start_info`` (version 1: command line and an
-e820-style memory map) is written to low memory, and vCPU 0 starts in 32-bit
-protected mode with paging off and EBX pointing at the start info.
+The guest is an ELF executable, either ELF64 x86-64 or ELF32 i386 (QEMU
+boots both), with a ``Xen`` note of type 18 (``XEN_ELFNOTE_PHYS32_ENTRY``)
+whose 4- or 8-byte descriptor is the 32-bit entry point.  Its PT_LOAD segments
+are copied to their physical addresses, ``struct hvm_start_info`` (version 1:
+command line and an e820-style memory map) is written to low memory, and
+vCPU 0 starts in 32-bit protected mode with paging off and EBX pointing at the
+start info.
 
 Threat model: the image is untrusted input.  Every size and offset is checked
 against the file length and guest RAM before anything is copied; any problem
@@ -21,17 +23,24 @@ from .errors import ConfigError, GuestMemoryError
 from .memory import GuestMemory
 
 ELF_MAGIC = b"\x7fELF"
+EI_NIDENT = 16
+ELFCLASS32 = 1
 ELFCLASS64 = 2
 ELFDATA2LSB = 1
+EM_386 = 3
 EM_X86_64 = 62
 ET_EXEC = 2
 PT_LOAD = 1
 PT_NOTE = 4
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 
+# The header fields are in the same order in both classes, only wider in
+# ELF64; the program header also moves p_flags (after p_type in ELF64).
 EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 PHDR = struct.Struct("<IIQQQQQQ")
-NHDR = struct.Struct("<III")
+EHDR32 = struct.Struct("<16sHHIIIIIHHHHHH")
+PHDR32 = struct.Struct("<IIIIIIII")
+NHDR = struct.Struct("<III")  # 4-byte words in both classes
 
 HVM_START_MAGIC = 0x336EC578
 HVM_START_INFO = struct.Struct("<IIIIQQQQII")
@@ -50,6 +59,25 @@ BOOT_INFO_RANGES = ((START_INFO_ADDR, 0x7000), (CMDLINE_ADDR, CMDLINE_ADDR + CMD
 
 
 @dataclass(frozen=True)
+class ElfLayout:
+    """What differs between the two accepted ELF classes."""
+
+    bits: int
+    machine: int
+    machine_name: str
+    ehdr: struct.Struct
+    phdr: struct.Struct
+    # Indices of p_type, p_offset, p_paddr, p_filesz, p_memsz in ``phdr``.
+    phdr_fields: tuple[int, int, int, int, int]
+
+
+ELF_LAYOUTS = {
+    ELFCLASS64: ElfLayout(64, EM_X86_64, "x86-64", EHDR, PHDR, (0, 2, 4, 5, 6)),
+    ELFCLASS32: ElfLayout(32, EM_386, "i386", EHDR32, PHDR32, (0, 1, 3, 4, 5)),
+}
+
+
+@dataclass(frozen=True)
 class Segment:
     paddr: int
     offset: int
@@ -65,6 +93,7 @@ class ElfImage:
     entry32: int
     segments: tuple[Segment, ...]
     data: bytes = field(repr=False)
+    bits: int = 64  # ELF class: 32 or 64
 
     @property
     def span(self) -> tuple[int, int]:
@@ -76,39 +105,48 @@ def _bad(path: str, why: str) -> ConfigError:
 
 
 def parse_elf(data: bytes, path: str = "<image>") -> ElfImage:
-    """Parse and validate an ELF64 PVH image.  Raises ``ConfigError`` only."""
+    """Parse and validate an ELF64 or ELF32 PVH image.  Raises ``ConfigError`` only."""
     if len(data) < 4 or data[:4] != ELF_MAGIC:
-        raise _bad(path, "not an ELF file (bad magic); give an ELF64 x86-64 PVH guest")
-    if len(data) < EHDR.size:
+        raise _bad(path, "not an ELF file (bad magic); give an ELF64 x86-64 or ELF32 i386 PVH guest")
+    if len(data) < EI_NIDENT:
         raise _bad(path, "truncated ELF header")
-    (ident, e_type, e_machine, _version, _entry, e_phoff, _shoff, _flags, _ehsize,
-     e_phentsize, e_phnum, *_rest) = EHDR.unpack_from(data, 0)
-    if ident[4] != ELFCLASS64:
-        raise _bad(path, "not a 64-bit ELF (ELFCLASS32?); build the guest for x86-64")
-    if ident[5] != ELFDATA2LSB:
+    layout = ELF_LAYOUTS.get(data[4])
+    if layout is None:
+        raise _bad(path, f"ELF class {data[4]} is neither 32-bit (1) nor 64-bit (2)")
+    if data[5] != ELFDATA2LSB:
         raise _bad(path, "not a little-endian ELF")
-    if e_machine != EM_X86_64:
-        raise _bad(path, f"ELF machine {e_machine} is not x86-64 (62)")
+    if len(data) < layout.ehdr.size:
+        raise _bad(path, "truncated ELF header")
+    (_ident, e_type, e_machine, _version, _entry, e_phoff, _shoff, _flags, _ehsize,
+     e_phentsize, e_phnum, *_rest) = layout.ehdr.unpack_from(data, 0)
+    if e_machine != layout.machine:
+        raise _bad(path, f"{layout.bits}-bit ELF machine {e_machine} is not {layout.machine_name} "
+                         f"({layout.machine})")
     if e_type != ET_EXEC:
         raise _bad(path, f"ELF type {e_type} is not an executable (ET_EXEC); link it statically")
     if e_phnum == 0:
         raise _bad(path, "ELF has no program headers")
-    if e_phentsize != PHDR.size:
-        raise _bad(path, f"ELF program header size {e_phentsize} is not {PHDR.size}")
-    if e_phoff + e_phnum * PHDR.size > len(data):
+    if e_phentsize != layout.phdr.size:
+        raise _bad(path, f"ELF program header size {e_phentsize} is not {layout.phdr.size}")
+    if e_phoff + e_phnum * layout.phdr.size > len(data):
         raise _bad(path, "truncated: program headers run past the end of the file")
 
     segments: list[Segment] = []
     entry32: int | None = None
+    type_at, offset_at, paddr_at, filesz_at, memsz_at = layout.phdr_fields
     for i in range(e_phnum):
-        p_type, _pf, p_offset, _vaddr, p_paddr, p_filesz, p_memsz, _align = PHDR.unpack_from(
-            data, e_phoff + i * PHDR.size
-        )
+        fields = layout.phdr.unpack_from(data, e_phoff + i * layout.phdr.size)
+        p_type, p_offset, p_paddr = fields[type_at], fields[offset_at], fields[paddr_at]
+        p_filesz, p_memsz = fields[filesz_at], fields[memsz_at]
         if p_type == PT_LOAD:
             if p_filesz > p_memsz:
                 raise _bad(path, f"segment {i}: file size {p_filesz:#x} exceeds memory size {p_memsz:#x}")
             if p_offset + p_filesz > len(data):
                 raise _bad(path, f"truncated: segment {i} runs past the end of the file")
+            if p_paddr + p_memsz > 1 << layout.bits:
+                # Such a segment would wrap to address 0 (as in QEMU's sums): malformed, not loadable.
+                raise _bad(path, f"segment {i} at {p_paddr:#x} (size {p_memsz:#x}) runs past the end "
+                                 f"of the {layout.bits}-bit address space")
             if p_memsz:
                 segments.append(Segment(p_paddr, p_offset, p_filesz, p_memsz))
         elif p_type == PT_NOTE:
@@ -122,7 +160,7 @@ def parse_elf(data: bytes, path: str = "<image>") -> ElfImage:
     if entry32 is None:
         raise _bad(path, "no PVH entry note (Xen note type 18, XEN_ELFNOTE_PHYS32_ENTRY); "
                          "aiokvm boots guests by the PVH protocol")
-    return ElfImage(path, entry32, tuple(segments), data)
+    return ElfImage(path, entry32, tuple(segments), data, layout.bits)
 
 
 def _find_pvh_entry(notes: bytes, path: str) -> int | None:
