@@ -51,8 +51,17 @@ struct blk {
 int blk_kind(const char *name);
 
 /* Opens the device (prints driver info).  qd = wanted requests in flight.
- * Returns 0, or -1 (no device / init failure). */
+ * Returns 0, -1 (no such device) or -2 (found, but it failed to
+ * initialise). */
 int blk_open(struct blk *b, int kind, unsigned int qd);
+
+/* For programs run without dev=: opens the disk the machine was given.
+ * A modern virtio-blk device first (announced virtio-mmio transports, then
+ * the 8 slots), else the ATA primary master, opened as ata_kind
+ * (BLK_ATA_WORD or BLK_ATA_REP).  b->kind and b->name say which.  Returns
+ * like blk_open; a virtio-blk device that fails to initialise is -2, not a
+ * reason to try ATA. */
+int blk_probe(struct blk *b, int ata_kind, unsigned int qd);
 
 /* Starts request `tag` (op BLK_*; nsect 512-byte sectors, at most
  * BLK_MAX_XFER bytes; 0 for FLUSH).  Returns BLK_OK or BLK_EINVAL. */

@@ -136,7 +136,9 @@ struct vblk_tagmem {
 
 struct vblk {
 	uintptr_t base;          /* MMIO base of the transport */
-	int slot;
+	int slot;                /* standard slot (0..7), or -1 */
+	int irq;                 /* announced or 5 + slot; never used */
+	int announced;           /* found through virtio_mmio.device= */
 	uint64_t offered;        /* device features */
 	uint64_t features;       /* negotiated features */
 	uint64_t capacity;       /* 512-byte sectors */
@@ -169,7 +171,9 @@ struct vblk {
 #define VBLK_OPT_NO_EVENT_IDX 2   /* don't negotiate EVENT_IDX */
 #define VBLK_OPT_QUIET        4   /* no info lines */
 
-/* Scans the 8 virtio-mmio slots for the first modern virtio-blk device,
+/* Looks for the first modern virtio-blk device: first at the transports
+ * announced on the command line (virtio_mmio.device=SIZE@BASE:IRQ, in
+ * order), then in the 8 standard virtio-mmio slots from slot 0 up, and
  * initialises it with one queue of up to VBLK_QSIZE_CAP entries and room
  * for `tags` requests in flight (clamped to what the queue can hold; the
  * result is in v->max_tags).  Prints what it finds.  Returns 0 on success,

@@ -228,6 +228,15 @@ int ata_probe(struct ata_dev *d, uint16_t io, uint16_t ctl, int slave, int xfer)
 	}
 	outb(ctl, ATA_CTL_NIEN);   /* no interrupts, no reset */
 	select_drive(d, 0);
+	/* A drive latches its taskfile registers; an empty channel or some
+	 * other device in the port range doesn't read them back. */
+	wr(d, ATA_REG_COUNT, 0x55);
+	wr(d, ATA_REG_LBA0, 0xaa);
+	if (rd(d, ATA_REG_COUNT) != 0x55 || rd(d, ATA_REG_LBA0) != 0xaa) {
+		printf("ata: no drive %d at 0x%x (taskfile registers do not "
+		       "latch)\n", slave, io);
+		return -1;
+	}
 	wr(d, ATA_REG_COUNT, 0);
 	wr(d, ATA_REG_LBA0, 0);
 	wr(d, ATA_REG_LBA1, 0);

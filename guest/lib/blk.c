@@ -46,8 +46,10 @@ int blk_open(struct blk *b, int kind, unsigned int qd)
 			opts |= VBLK_OPT_NO_INDIRECT;
 		if (opt_u64("event_idx", 1) == 0)
 			opts |= VBLK_OPT_NO_EVENT_IDX;
-		if (vblk_open(&b->v, qd, opts) < 0)
-			return -1;
+		int r = vblk_open(&b->v, qd, opts);
+
+		if (r < 0)
+			return r;
 		b->capacity = b->v.capacity;
 		b->qd = b->v.max_tags;
 		b->ro = b->v.ro;
@@ -66,6 +68,17 @@ int blk_open(struct blk *b, int kind, unsigned int qd)
 	b->qd = 1;
 	b->has_flush = 1;
 	return 0;
+}
+
+int blk_probe(struct blk *b, int ata_kind, unsigned int qd)
+{
+	int r = blk_open(b, BLK_VIRTIO, qd);
+
+	if (r == -1)
+		r = blk_open(b, ata_kind, qd);
+	if (r == 0)
+		printf("blk: no dev= option: probed, found %s\n", b->name);
+	return r;
 }
 
 static int from_virtio(unsigned int st)

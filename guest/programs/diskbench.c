@@ -1,7 +1,7 @@
 /*
  * diskbench: time a stream of reads or writes with rdtsc.
  *
- * Options: dev=virtio|ata-word|ata-rep (virtio)  op=read|write (read)
+ * Options: dev=virtio|ata-word|ata-rep (probed)  op=read|write (read)
  *          pattern=seq|rand (seq)  bs=BYTES (4096; 512..131072, a multiple
  *          of 512)  qd=K (1; virtio only, ATA is always 1)
  *          bytes=TOTAL (1 MiB; rounded down to whole blocks, at least one)
@@ -14,7 +14,11 @@
  * (T = TSC ticks from the first submission to the last completion), then
  *   diskbench: tsc_src=S elapsed_us=.. kib_per_s=.. iops=.. [notifies=..]
  * where S says where tsc_hz came from: cpuid15, cpuid16, cpuid40000010 or
- * assumed.  Exit 0; 1 on I/O errors, 2 on bad options, 4 on a timeout.
+ * assumed.  Exit 0; 1 on I/O errors, 2 on bad options or no disk, 4 on a
+ * timeout.
+ *
+ * Without dev= the disk is probed (blk_probe): virtio-blk first, then the
+ * ATA primary master in ata-rep mode.
  */
 #include "guest.h"
 #include "blk.h"
@@ -34,14 +38,14 @@ static uint64_t xorshift64(uint64_t *s)
 
 int main(void)
 {
-	char name[16] = "virtio", op[8] = "read", pat[8] = "seq";
+	char name[16] = "", op[8] = "read", pat[8] = "seq";
 	uint64_t bs, qd, bytes, seed, nblocks, nreq, ticks, hz;
 	uint64_t submitted = 0, finished = 0, errors = 0, seq_next = 0;
 	uint32_t nsect;
 	uint8_t *bufs;
-	int kind, is_write, is_rand;
+	int kind = BLK_VIRTIO, given, is_write, is_rand, r;
 
-	opt_str("dev", name, sizeof(name));
+	given = opt_str("dev", name, sizeof(name));
 	opt_str("op", op, sizeof(op));
 	opt_str("pattern", pat, sizeof(pat));
 	bs = opt_u64("bs", 4096);
@@ -49,7 +53,8 @@ int main(void)
 	bytes = opt_u64("bytes", 1 << 20);
 	seed = opt_u64("seed", 1);
 
-	kind = blk_kind(name);
+	if (given)
+		kind = blk_kind(name);
 	is_write = strcmp(op, "write") == 0;
 	is_rand = strcmp(pat, "rand") == 0;
 	if (kind < 0 || (!is_write && strcmp(op, "read") != 0) ||
@@ -66,10 +71,21 @@ int main(void)
 		printf("diskbench: bad qd=%lu (1..%u)\n", qd, BLK_MAX_QD);
 		return 2;
 	}
-	if (blk_open(&dev, kind, (unsigned int)qd) < 0) {
-		printf("diskbench: no %s disk\n", name);
+	/* ata-rep when probing, as in disktest: never slower than ata-word. */
+	r = given ? blk_open(&dev, kind, (unsigned int)qd) :
+		    blk_probe(&dev, BLK_ATA_REP, (unsigned int)qd);
+	if (r < 0) {
+		if (r == -2)
+			printf("diskbench: the virtio-blk disk found did not "
+			       "initialise\n");
+		else if (given)
+			printf("diskbench: no %s disk\n", name);
+		else
+			printf("diskbench: no disk found (probed virtio-mmio "
+			       "slots and ATA 0x%x)\n", ATA_PRIMARY_IO);
 		return 2;
 	}
+	kind = dev.kind;
 	if (kind == BLK_VIRTIO && dev.qd < qd)
 		printf("diskbench: qd clamped to %u\n", dev.qd);
 	qd = dev.qd;
@@ -145,7 +161,7 @@ int main(void)
 	hz = tsc_hz();
 
 	printf("diskbench: dev=%s op=%s pattern=%s bs=%lu qd=%lu bytes=%lu "
-	       "ticks=%lu tsc_hz=%lu\n", name, op, pat, bs, qd, bytes, ticks, hz);
+	       "ticks=%lu tsc_hz=%lu\n", dev.name, op, pat, bs, qd, bytes, ticks, hz);
 	/* Derived figures (integer math): us = ticks / (hz / 1e6). */
 	uint64_t us = ticks / (hz / 1000000 ? hz / 1000000 : 1);
 

@@ -2,7 +2,7 @@
  * disktest: write a known pattern to a disk, read it back and verify it,
  * then checksum the whole disk.  Also a "generation" mode for crash tests.
  *
- * Options: dev=virtio|ata-word|ata-rep (virtio)  sectors=N (2048)
+ * Options: dev=virtio|ata-word|ata-rep (probed)  sectors=N (2048)
  *          qd=K (8, virtio requests in flight)  chunk=C (8 sectors per
  *          request, 1..256)  gen=G (generation mode)  indirect=0
  *          event_idx=0 (virtio: don't negotiate those features)  cpl=3
@@ -10,6 +10,9 @@
  * Pattern: byte i of sector s is byte (i % 8) (little-endian) of the
  * 64-bit word pattern_word(s, i / 8), see below; the same on every run and
  * every device.  Generation sectors have the layout of gen_fill().
+ *
+ * Without dev= the disk is probed (blk_probe): virtio-blk first, then the
+ * ATA primary master in ata-rep mode.
  *
  * Exit: 0 ok; 1 mismatches or read errors; 2 bad options / no device;
  * 3 write errors (e.g. a read-only disk); 4 a request timed out.
@@ -253,16 +256,17 @@ static void print_virtio_id(void)
 
 int main(void)
 {
-	char name[16] = "virtio";
+	char name[16] = "";
 	uint64_t want, qd, gens, t0, t_write, t_verify, t_sum;
-	int kind;
+	int kind = BLK_VIRTIO, given, r;
 
-	opt_str("dev", name, sizeof(name));
+	given = opt_str("dev", name, sizeof(name));
 	want = opt_u64("sectors", 2048);
 	qd = opt_u64("qd", 8);
 	chunk = (uint32_t)opt_u64("chunk", 8);
 	gens = opt_u64("gen", 0);
-	kind = blk_kind(name);
+	if (given)
+		kind = blk_kind(name);
 	if (kind < 0) {
 		printf("disktest: bad dev=%s (virtio, ata-word or ata-rep)\n", name);
 		return 2;
@@ -276,11 +280,23 @@ int main(void)
 		printf("disktest: bad qd=%lu (1..%u)\n", qd, BLK_MAX_QD);
 		return 2;
 	}
-	if (blk_open(&dev, kind, (unsigned int)qd) < 0) {
-		printf("disktest: no %s disk\n", name);
+	/* ata-rep when probing: never slower than ata-word (rep insw is
+	 * served in one go; rep outsw costs what outw does). */
+	r = given ? blk_open(&dev, kind, (unsigned int)qd) :
+		    blk_probe(&dev, BLK_ATA_REP, (unsigned int)qd);
+	if (r < 0) {
+		if (r == -2)
+			printf("disktest: the virtio-blk disk found did not "
+			       "initialise\n");
+		else if (given)
+			printf("disktest: no %s disk\n", name);
+		else
+			printf("disktest: no disk found (probed virtio-mmio "
+			       "slots and ATA 0x%x)\n", ATA_PRIMARY_IO);
 		return 2;
 	}
-	printf("disktest: dev=%s capacity=%lu sectors\n", name, dev.capacity);
+	kind = dev.kind;
+	printf("disktest: dev=%s capacity=%lu sectors\n", dev.name, dev.capacity);
 	if (!dev.capacity) {
 		printf("disktest: empty disk\n");
 		return 2;

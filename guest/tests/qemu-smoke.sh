@@ -72,4 +72,12 @@ check diskbench-virtio 1 "diskbench: dev=virtio op=read pattern=rand bs=4096 qd=
 check diskbench-ata    1 "diskbench: dev=ata-rep op=write pattern=seq bs=4096 qd=1 bytes=16384 ticks=" \
 	diskbench "dev=ata-rep op=write bs=4096 bytes=16384 cpl=3" \
 	$IDE -drive id=d1,file="$T/w.img",format=raw,if=none
+# Without dev= the programs probe: virtio-blk first, then ATA (ata-rep).
+img p
+check disktest-probe-virtio 1 "disktest: dev=virtio capacity=512 sectors" disktest \
+	"sectors=64 cpl=3" $VIRTIO -drive id=d0,file="$T/p.img",format=raw,if=none
+img q
+check disktest-probe-ata 1 "disktest: dev=ata-rep capacity=512 sectors" disktest \
+	"sectors=64 cpl=3" $IDE -drive id=d1,file="$T/q.img",format=raw,if=none
+check disktest-probe-none 5 "disktest: no disk found" disktest "cpl=3"
 exit $fail
