@@ -84,26 +84,42 @@ def _fail(message: str) -> int:
 
 
 async def _run(args) -> int:
+    from . import boot, guests
+    from .devices.backends.spec import open_backend, parse_disk_spec
     from .handoff import DEFAULT_HANDOFF
     from .machine import Machine
 
+    # Input errors come before /dev/kvm is opened, so that they read the same on a
+    # host without KVM.  Constructing a Machine checks memory, vCPUs and handoff
+    # but opens nothing; `async with vm` opens KVM.
     out = sys.stdout.buffer
     vm = Machine(memory=args.memory, vcpus=args.vcpus, handoff=args.handoff or DEFAULT_HANDOFF,
                  serial_output=out)
-    async with vm:
-        for disk in args.disk:
-            await vm.add_disk(disk, ioeventfd=not args.no_ioeventfd)
-        vm.load(args.guest, cmdline=args.cmdline)
-        try:
-            status = await vm.run(timeout=args.timeout)
-        finally:
-            out.flush()
-            if args.stats or args.stats_json:
-                stats = vm.stats()
-                if args.stats:
-                    print_stats(stats, file=sys.stderr)
-                if args.stats_json:
-                    _write_json(args.stats_json, stats)
+    specs = [parse_disk_spec(disk) for disk in args.disk]
+    guest = guests.resolve(args.guest)
+    boot.read_elf(guest)  # vm.load reads it again; this is only the check
+    pending = []  # opened backends not yet handed to the machine, which closes the ones it has
+    try:
+        for spec in specs:
+            pending.append((spec, await open_backend(spec)))
+        async with vm:
+            while pending:
+                spec, backend = pending.pop(0)  # add_disk closes it if attaching fails
+                await vm.add_disk(backend, interface=spec.interface, ioeventfd=not args.no_ioeventfd)
+            vm.load(guest, cmdline=args.cmdline)
+            try:
+                status = await vm.run(timeout=args.timeout)
+            finally:
+                out.flush()
+                if args.stats or args.stats_json:
+                    stats = vm.stats()
+                    if args.stats:
+                        print_stats(stats, file=sys.stderr)
+                    if args.stats_json:
+                        _write_json(args.stats_json, stats)
+    finally:
+        for _, backend in pending:
+            await backend.close()
     if status.code is None:
         print(f"aiokvm: guest ended: {status.reason}", file=sys.stderr)
         return 0
