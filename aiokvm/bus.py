@@ -4,14 +4,22 @@ A device claims ``[base, base + length)`` in one address space and says where
 its handlers run: ``HandlerMode.INLINE`` (in the vCPU thread, for cheap
 register devices) or ``HandlerMode.LOOP`` (on the asyncio loop, the default).
 Overlapping claims are refused with ``ConfigError``.  Accesses nobody claims
-are counted; reads of them return all-ones, writes are dropped.
+are finished by the C vCPU loop, which counts them; reads of them return
+all-ones, writes are dropped.
+
+The maps change only while no vCPU can look them up.  The C vCPU loop reads
+the port table and its MMIO list without a lock, and the dispatcher's
+tables are indexed by region id, so rewriting them under a running vCPU
+could send an access to the wrong device.  The owner (``Machine``) installs
+a guard that refuses (un)registration with ``ConfigError`` while vCPUs run,
+unless every one is parked by ``pause()``.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
@@ -66,14 +74,6 @@ class Region:
         return f"<Region {self.name} {self.space.value} [{self.base:#x}, {self.end:#x}) {self.mode.value}>"
 
 
-@dataclass
-class UnclaimedCounters:
-    reads: int = 0
-    writes: int = 0
-    # Most recent few unclaimed addresses, for diagnostics.
-    last: list[int] = field(default_factory=list)
-
-
 class Bus:
     """Both address maps of one machine."""
 
@@ -82,8 +82,8 @@ class Bus:
         self._starts: dict[Space, list[int]] = {Space.PIO: [], Space.MMIO: []}
         # PIO is small: a direct port -> region table makes lookup one dict hit.
         self._pio_index: dict[int, Region] = {}
-        self.unclaimed = {Space.PIO: UnclaimedCounters(), Space.MMIO: UnclaimedCounters()}
-        self._lock = threading.Lock()  # registration vs lookups from vCPU threads
+        self._lock = threading.Lock()  # registration from several threads
+        self._guard = None  # raises ConfigError when the maps must not change (see the module docstring)
         # The C vCPU loop's view: a port table (id << 2 | mode per port, shared
         # by every vCPU) and a short MMIO region list copied into each vCPU.
         self.regions_by_id: list[Region | None] = []
@@ -91,11 +91,17 @@ class Bus:
         self._listeners: list = []
 
     # -- registration ---------------------------------------------------------
+    def set_guard(self, guard) -> None:
+        """``guard(what)`` runs before every (un)registration and raises ``ConfigError`` to refuse it."""
+        self._guard = guard
+
     def register(
         self, space: Space, base: int, length: int, device: Device, *,
         mode: HandlerMode = HandlerMode.LOOP, name: str | None = None,
     ) -> Region:
         space = Space(space)
+        if self._guard is not None:
+            self._guard(f"register {name or type(device).__name__}")
         mode = HandlerMode(mode)
         name = name or type(device).__name__
         if length <= 0:
@@ -168,6 +174,8 @@ class Bus:
         return self.register(Space.MMIO, base, length, device, **kw)
 
     def unregister(self, region: Region) -> None:
+        if self._guard is not None:
+            self._guard(f"unregister {region.name}")
         with self._lock:
             regions, starts = self._regions[region.space], self._starts[region.space]
             i = regions.index(region)
@@ -203,13 +211,3 @@ class Bus:
 
     def find(self, space: Space, addr: int, size: int) -> Region | None:
         return self.find_pio(addr, size) if space is Space.PIO else self.find_mmio(addr, size)
-
-    def note_unclaimed(self, space: Space, addr: int, is_write: bool) -> None:
-        counters = self.unclaimed[space]
-        if is_write:
-            counters.writes += 1
-        else:
-            counters.reads += 1
-        if len(counters.last) >= 8:
-            del counters.last[0]
-        counters.last.append(addr)

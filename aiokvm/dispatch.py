@@ -28,11 +28,11 @@ from time import perf_counter_ns
 
 import structlog
 
+from .access import MASKS, OP_READ, OP_WRITE, unpack
 from .bus import Bus, HandlerMode, Region
 from .cpu.exits import Direction, IoExit
 from .cpu.vcpu_thread import decode_exit
 from .errors import DeviceError
-from .handoff import MASKS
 from .kvm import ffi, lib
 
 log = structlog.get_logger("aiokvm.dispatch")
@@ -95,11 +95,11 @@ class Dispatcher:
     def failure(self, packed: int, ctx, exc: Exception) -> DeviceError:
         """The error for a device that raised ``exc`` on the access ``packed`` of vCPU ``ctx``
         (``exc`` is its ``__cause__``)."""
-        region_id = (packed >> 10) & 1023
+        region_id = unpack(packed).region
         regions = self.bus.regions_by_id
         region = regions[region_id] if region_id < len(regions) else None
         what = _describe(ctx.kind, ctx.addr, ctx.size)
-        if region is None:  # unregistered while the access was in flight
+        if region is None:  # cannot happen while the bus refuses changes under running vCPUs
             error = DeviceError(f"a removed device failed on {what}: {type(exc).__name__}: {exc}")
         else:
             error = _device_failure(region, what, exc)
@@ -144,7 +144,7 @@ class Dispatcher:
 
 
 def _ignore_write(offset: int, size: int, value: int) -> None:
-    pass  # the region was unregistered while an access to it was in flight
+    pass  # a free region id
 
 
 def _float_high(offset: int, size: int) -> int:
@@ -166,27 +166,28 @@ def _packed_read(handler, ctx):
 
 
 def _gone(packed: int, ctx) -> int:
-    # The region was unregistered while an access to it was in flight.
-    return MASKS[(packed >> 6) & 15] if packed & 0x30 == 0 else 0
+    # A free region id (the bus refuses changes while vCPUs run, so no access reaches one).
+    access = unpack(packed)
+    return MASKS[access.size] if access.op == OP_READ else 0
 
 
 def _direct_handler(region: Region):
     """A closure calling ``region``'s device for an access from the C loop.
 
-    ``packed`` is the access as the C loop packs it (see _vcpu_loop.h): op in
-    bits 4-5, size in 6-9, offset from bit 20; a write's value is ``ctx.value``.
+    ``packed`` is the access word (aiokvm/access.py); a write's value is
+    ``ctx.value``.  A write returns what the device's ``write`` returned when
+    that is a held write (a Future, see ``SlotServer``), else 0.
     """
     read, write = region.device.read, region.device.write
 
     def access(packed: int, ctx) -> int:
-        op = packed & 0x30
+        op, size, _region, offset = unpack(packed)
         try:
-            if op == 0x10:  # one-element write
-                write(packed >> 20, (packed >> 6) & 15, ctx.value)
-                return 0
-            if op == 0:  # one-element read
-                size = (packed >> 6) & 15
-                return read(packed >> 20, size) & MASKS[size]
+            if op == OP_WRITE:  # one element
+                held = write(offset, size, ctx.value)
+                return 0 if held is None else held
+            if op == OP_READ:  # one element
+                return read(offset, size) & MASKS[size]
         except DeviceError:
             raise
         except Exception as exc:

@@ -33,6 +33,7 @@ from typing import Any
 
 import structlog
 
+from . import access
 from .errors import AiokvmError, HandoffCancelled
 from .kvm import ffi, lib
 
@@ -42,8 +43,6 @@ DEFAULT_HANDOFF = "spin"
 C_MECHANISMS = {"spin": lib.AIOKVM_MECH_SPIN, "wake": lib.AIOKVM_MECH_WAKE, "futex": lib.AIOKVM_MECH_FUTEX}
 PYTHON_MECHANISMS = ("event", "lock")
 HANDOFFS = tuple(C_MECHANISMS) + PYTHON_MECHANISMS
-_ALL_ONES = (1 << 64) - 1  # a read result keeps its low size bytes (C copies only those)
-MASKS = (0, 0xFF, 0xFFFF, 0xFFFFFF, 0xFFFFFFFF, (1 << 40) - 1, (1 << 48) - 1, (1 << 56) - 1, (1 << 64) - 1)
 
 
 # -- Python-level mechanisms ------------------------------------------------------------
@@ -101,6 +100,10 @@ class EventHandoff:
             slot.result = fn(arg)
         except BaseException as exc:  # carried back to the vCPU thread
             slot.error = exc
+        if isinstance(slot.result, asyncio.Future) and not slot.result.done():
+            # A held write (see SlotServer): the vCPU waits until it resolves.
+            slot.result.add_done_callback(lambda _: self._signal(slot))
+            return
         self._signal(slot)
 
     def cancel_all(self) -> None:
@@ -137,6 +140,14 @@ class SlotServer:
     ``handler(packed, ctx)``) and ``pre_serve`` (run before each access, to
     drain the coalesced ring).  Each loop-hosted exit costs one C call here:
     ``aiokvm_hub_serve`` completes the previous access and claims the next.
+
+    **Held writes.**  A device's ``write`` may return an ``asyncio.Future``
+    instead of None: the write has taken effect, but the vCPU that made it
+    stays in its exit until the future resolves, as a vCPU under QEMU stays
+    in a register write that drains I/O (a virtio reset waiting for requests
+    in flight).  The server lets go of the access (``aiokvm_hub_detach``) and
+    serves other vCPUs meanwhile; the future's completion releases the vCPU
+    (``aiokvm_complete_held``, a no-op if the machine stopped meanwhile).
     """
 
     #: longest spin per C call without the GIL, and accesses served per loop turn
@@ -181,10 +192,11 @@ class SlotServer:
         self._task: asyncio.Task | None = None
         self._sleeper: asyncio.Future | None = None
         self._closed = False
-        #: loop wakeups through the eventfd, accesses served, and idle sleeps
+        #: loop wakeups through the eventfd, accesses served, idle sleeps, held writes
         self.wakeups = 0
         self.served = 0
         self.idle_sleeps = 0
+        self.held = 0
 
     def start(self) -> None:
         self._loop.add_reader(self.wake_fd, self._on_wake)
@@ -209,6 +221,10 @@ class SlotServer:
         pre_serve = dispatcher.pre_serve  # read once per burst
         hub = self.hub
         hub.spin_ns = spin_ns
+        # The packed word's layout (aiokvm/access.py), bound to locals.
+        OP_FIELD, WRITE_OP, READ_OP, ALL = access.OP_FIELD, access.WRITE_OP, access.READ_OP, access.ALL_ONES
+        REGION_SHIFT, REGION_MASK = access.REGION_SHIFT, access.REGION_MASK
+        SIZE_SHIFT, SIZE_MASK, OFFSET_SHIFT = access.SIZE_SHIFT, access.SIZE_MASK, access.OFFSET_SHIFT
         value, served = 0, 0
         while served < limit:
             packed = serve(hub, value)  # completes the previous access with value
@@ -217,16 +233,20 @@ class SlotServer:
             try:
                 if pre_serve is not None:
                     pre_serve()
-                # One-element writes and reads call the device directly (see
-                # the packing in _vcpu_loop.h); string I/O goes through handlers.
-                op = packed & 0x30
-                if op == 0x10:
-                    writes[(packed >> 10) & 1023](packed >> 20, (packed >> 6) & 15, hub.value)
+                # One-element writes and reads call the device directly;
+                # string I/O goes through the region's handler.
+                op = packed & OP_FIELD
+                if op == WRITE_OP:
+                    held = writes[(packed >> REGION_SHIFT) & REGION_MASK](
+                        packed >> OFFSET_SHIFT, (packed >> SIZE_SHIFT) & SIZE_MASK, hub.value)
                     value = 0
-                elif op == 0:
-                    value = reads[(packed >> 10) & 1023](packed >> 20, (packed >> 6) & 15) & _ALL_ONES
+                    if held is not None:
+                        self._hold(held)
+                elif op == READ_OP:
+                    value = reads[(packed >> REGION_SHIFT) & REGION_MASK](
+                        packed >> OFFSET_SHIFT, (packed >> SIZE_SHIFT) & SIZE_MASK) & ALL
                 else:
-                    value = handlers[(packed >> 10) & 1023](packed, ctxs[hub.current])
+                    value = handlers[(packed >> REGION_SHIFT) & REGION_MASK](packed, ctxs[hub.current])
             except BaseException as exc:  # a device failed: the machine stops
                 ctx = ctxs[hub.current]
                 hub.current = -1  # abandoned, not completed: cancelled below
@@ -240,6 +260,16 @@ class SlotServer:
         lib.aiokvm_hub_finish(hub, value)
         self.served += served
         return served
+
+    def _hold(self, held) -> None:
+        """Keep the current access's vCPU waiting until ``held`` resolves (see the class docstring)."""
+        if not isinstance(held, asyncio.Future):
+            raise TypeError(f"a device write returned {held!r}; return None, or an asyncio.Future to hold the vCPU")
+        if held.done():
+            return  # nothing to wait for: complete as usual
+        ctx = self._ctxs[lib.aiokvm_hub_detach(self.hub)]
+        self.held += 1
+        held.add_done_callback(lambda _: lib.aiokvm_complete_held(ctx, 0))
 
     async def _poll(self) -> None:
         """Adaptive polling: spin in C while exits keep coming, sleep when idle.

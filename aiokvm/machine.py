@@ -1,11 +1,20 @@
-"""``Machine``: memory, vCPUs, bus, devices and loader wired together.
+"""``Machine``: one VM, conducted.
 
     async with Machine(memory="64M", vcpus=1) as vm:
         vm.load("hello")
         status = await vm.run(timeout=10)
 
-Many machines can share one event loop: each owns its KVM fds and vCPU
-threads, and a guest error stops only its own machine.
+A machine holds a board (``board.py``: the KVM VM, RAM, vCPUs, irqchip,
+virtio slots), a bus and its dispatcher, a device manager
+(``device_manager.py``: attach, kernel paths, metrics, close), the vCPU
+threads and the handoff that brings their exits to the loop.  It loads the
+guest, runs it, pauses, resumes and stops it, and assembles ``stats()``
+(``metrics.py``).  Many machines can share one event loop: each owns its
+KVM fds and vCPU threads, and a guest error stops only its own machine.
+
+Lifecycle events go to the ``aiokvm.machine`` logger with ``vm`` bound:
+created, started, paused, resumed, stopped (with how), and errors.  Nothing
+is logged per exit.
 """
 
 from __future__ import annotations
@@ -20,27 +29,21 @@ from typing import Any
 import structlog
 
 from . import boot, guests
-from .bus import Bus, HandlerMode, Region, Space
+from .board import MicrovmBoard
+from .bus import Bus, HandlerMode, Region
 from .cpu.exits import FailEntry, Halt, InternalError, Shutdown, SystemEvent, SystemEventType
 from .cpu.vcpu_thread import VcpuThread, ensure_kick_handler, guest_error
+from .device_manager import DeviceManager
 from .devices.console import COM1_IRQ, COM1_PORT, SerialConsole
 from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from .dispatch import Dispatcher
 from .errors import AiokvmError, ConfigError, GuestError, HandoffCancelled, MachineTimeout
 from .handoff import C_MECHANISMS, DEFAULT_HANDOFF, HANDOFFS, EventHandoff, LockHandoff, SlotServer
-from .kernel_paths import CoalescedRing, IoEvent, IoEventFd, IrqFd
-from .kvm import Kvm
-from .kvm.stats import KvmStats
-from .memory import GuestMemory
-from .metrics import STATS_SCHEMA, merge_counts, mode_split, vcpu_stats
-from .procstat import diff, read_thread_times_precise
+from .kernel_paths import IoEvent, IrqFd
+from .memory import parse_size, validate_memory_size
+from .metrics import machine_stats
 
 log = structlog.get_logger("aiokvm.machine")
-
-# Addresses KVM needs on Intel hosts (unused on others); QEMU's choices, and
-# reserved in the e820 map (boot.KVM_PRIVATE_START).
-IDENTITY_MAP_ADDR = 0xFEFF_C000
-TSS_ADDR = 0xFEFF_D000
 
 _machine_ids = itertools.count(1)
 
@@ -60,7 +63,12 @@ class ExitStatus:
 
 
 class Machine:
-    """One virtual machine on KVM.  An async context manager."""
+    """One virtual machine on KVM.  An async context manager.
+
+    Configuration (memory, vCPUs, handoff) is checked here, before anything
+    is opened; ``open()`` (or ``async with``) creates the board and the
+    default devices: COM1 (``serial0``, inline) and isa-debug-exit at 0xf4.
+    """
 
     def __init__(
         self,
@@ -84,28 +92,38 @@ class Machine:
             raise ConfigError(f"sample_every must be an integer in [1, 2**20], got {sample_every!r}")
         if handoff not in HANDOFFS:
             raise ConfigError(f"unknown handoff {handoff!r}; choose one of {', '.join(sorted(HANDOFFS))}")
-        from .memory import parse_size, validate_memory_size
-
         self.memory_size = validate_memory_size(parse_size(memory))
         self.vcpu_count = vcpus
         self.handoff_name = handoff
+        self.name = name or f"vm{next(_machine_ids)}"
         self._spin_us = spin_us
         self._poll_window_us = poll_window_us
         self._sample_every = sample_every
-        self._slot_server: SlotServer | None = None
-        self._paused = False
-        self._park_waiter: asyncio.Future | None = None
-        self.name = name or f"vm{next(_machine_ids)}"
         self._serial_output = serial_output
         self._serial_input = serial_input
+        self._log = log.bind(vm=self.name)
+        # Everything the machine will own, so that teardown never guesses.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self.board: MicrovmBoard | None = None
+        self.bus: Bus | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.devices: DeviceManager | None = None
+        self.python_handoff: EventHandoff | None = None
+        self.console: SerialConsole | None = None
+        self.debug_exit: DebugExit | None = None
+        self.cmdline = ""
         self._opened = False
         self._closed = False
         self._loaded: Path | None = None
         self._running = False
+        self._stopping = True  # nothing runs, so nothing to stop; run() clears it
         self._outcome: asyncio.Future | None = None
         self._threads: list[VcpuThread] = []
+        self._slot_server: SlotServer | None = None
         self._stop_lock = threading.Lock()
-        self._log = log.bind(vm=self.name)
+        self._paused = False
+        self._park_waiter: asyncio.Future | None = None
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> Machine:
@@ -116,7 +134,7 @@ class Machine:
         await self.aclose()
 
     def open(self) -> None:
-        """Create the KVM VM, guest RAM, vCPUs and the default devices."""
+        """Create the board (KVM VM, RAM, vCPUs) and the default devices."""
         if self._opened:
             return
         self._loop = asyncio.get_running_loop()
@@ -127,45 +145,18 @@ class Machine:
         except BaseException:
             self._release()
             raise
+        self._log.info("machine created", memory=self.memory_size, vcpus=self.vcpu_count, handoff=self.handoff_name)
 
     def _open(self) -> None:
-        self.kvm = Kvm()
-        max_vcpus = self.kvm.check_extension("MAX_VCPUS") or self.kvm.check_extension("NR_VCPUS") or 1
-        if self.vcpu_count > max_vcpus:
-            raise ConfigError(f"{self.vcpu_count} vCPUs asked for; this KVM allows at most {max_vcpus}")
-        self.vm = self.kvm.create_vm()
-        for setter, addr in ((self.vm.set_tss_addr, TSS_ADDR), (self.vm.set_identity_map_addr, IDENTITY_MAP_ADDR)):
-            try:
-                setter(addr)
-            except OSError:
-                pass  # only needed by VMX hosts; others may refuse it
-        self.vm.create_irqchip()
-        self.vm.create_pit2()
-        self.memory = GuestMemory(self.memory_size)
-        for slot, region in enumerate(self.memory.regions):
-            self.vm.set_user_memory_region(slot, region.start, region.size, self.memory.host_address(region))
-        supported = self.kvm.supported_cpuid()
-        self.vcpus = []
-        self._kvm_stats: list[KvmStats] = []
-        for index in range(self.vcpu_count):
-            vcpu = self.vm.create_vcpu(index)
-            self.vcpus.append(vcpu)
-            vcpu.set_cpuid2(_cpuid_for(supported, index, self.vcpu_count))
-        if self.kvm.check_extension("BINARY_STATS_FD"):
-            self._kvm_stats = [KvmStats.for_vcpu(vcpu) for vcpu in self.vcpus]
-        self._ioeventfds: list[tuple[Region, IoEventFd]] = []
-        self._irqfds: list[IrqFd] = []
-        self._coalesced: CoalescedRing | None = None
-        self._coalesced_regions: list[Region] = []
-        self._coalesced_counts: dict[str, int] = {}
-        self._coalesced_handle: asyncio.TimerHandle | None = None
-        self._virtio: list = []       # (slot, MmioTransport)
-        self._disks: list = []        # (device, backend)
+        self.board = MicrovmBoard(self.memory_size, self.vcpu_count)
         self.bus = Bus()
+        self.bus.set_guard(self._check_bus_may_change)
         python_handoff = {"event": EventHandoff, "lock": LockHandoff}.get(self.handoff_name)
         self.python_handoff = python_handoff(self._loop, self.vcpu_count) if python_handoff else None
         self.dispatcher = Dispatcher(self.bus, self.python_handoff)
         self.bus.on_change(self._refresh_tables)
+        self.devices = DeviceManager(self.board, self.bus, self.dispatcher, self._loop,
+                                     on_error=self._on_loop_error, logger=log.bind(vm=self.name))
         self.console = SerialConsole(
             self._loop, irq=lambda level: self.irq_line(COM1_IRQ, level), sink=self._serial_output,
         )
@@ -177,44 +168,29 @@ class Machine:
             self.console.attach_source(self._serial_input)
 
     async def aclose(self) -> None:
-        """Stop the guest if it runs, then free every fd, thread and mapping."""
+        """Stop the guest if it runs, close every device (each waits for its
+        own work in flight and closes its backend), then free every fd,
+        thread and mapping."""
         if self._closed:
             return
         if self._threads:
             self._request_stop()
             await self._join_vcpus()
-        for device, backend in getattr(self, "_disks", []):
-            drain = getattr(device, "drain", None)
-            if drain is not None:
-                await drain()  # requests in flight finish before the backend goes
-            await backend.close()
-        self._disks = []
-        self._release()
+        try:
+            if self.devices is not None:
+                await self.devices.aclose()
+        finally:
+            self._release()
+            self._log.info("machine closed")
 
     def _release(self) -> None:
         self._closed = True
-        console = getattr(self, "console", None)
-        if console is not None:
-            console.close()
-        for _, efd in getattr(self, "_ioeventfds", []):
-            efd.close()
-        self._ioeventfds = []
-        for irq in getattr(self, "_irqfds", []):
-            irq.close()
-        self._irqfds = []
-        for stats in getattr(self, "_kvm_stats", []):
-            stats.close()
-        self._kvm_stats = []
-        for vcpu in getattr(self, "vcpus", []):
-            vcpu.close()
-        self.vcpus = []
-        for name in ("vm", "kvm"):
-            obj = getattr(self, name, None)
-            if obj is not None:
-                obj.close()
-        memory = getattr(self, "memory", None)
-        if memory is not None:
-            memory.close()
+        if self.console is not None:
+            self.console.close()
+        if self.devices is not None:
+            self.devices.close_kernel_paths()
+        if self.board is not None:
+            self.board.close()
 
     def _require_open(self) -> None:
         if self._closed:
@@ -222,7 +198,28 @@ class Machine:
         if not self._opened:
             raise ConfigError("open the machine first: `async with Machine(...) as vm:`")
 
-    # -- configuration ----------------------------------------------------------------
+    def _check_bus_may_change(self, what: str) -> None:
+        # The bus guard: the C tables change only while no vCPU can read them.
+        running = [t for t in self._threads if t.thread.is_alive() and not t.parked.is_set()]
+        if running:
+            raise ConfigError(f"cannot {what} while vCPUs of {self.name} run: pause() the machine first, "
+                              "or attach devices before run()")
+
+    @property
+    def memory(self):
+        """Guest RAM (``GuestMemory``)."""
+        return self.board.memory if self.board is not None else None
+
+    @property
+    def vm(self):
+        """The KVM VM fd (``VmFd``)."""
+        return self.board.vm if self.board is not None else None
+
+    @property
+    def vcpus(self) -> list:
+        return self.board.vcpus if self.board is not None else []
+
+    # -- devices ------------------------------------------------------------------------
     def add_device(
         self, device, *, pio: tuple[int, int] | None = None, mmio: tuple[int, int] | None = None,
         mode: HandlerMode | str = HandlerMode.LOOP, name: str | None = None,
@@ -236,102 +233,33 @@ class Machine:
         count)`` on the loop, else one ``write(offset, size, datamatch or 0)``)
         without an exit to user mode.  ``coalesced``: queue the region's
         writes in KVM's coalesced ring (loop-hosted devices only); reads still
-        exit, after the queued writes are delivered.
+        exit, after the queued writes are delivered.  A device with
+        ``metrics()`` shows up in ``stats()["devices"]``; one with
+        ``aclose()`` is closed with the machine.
         """
         self._require_open()
-        if (pio is None) == (mmio is None):
-            raise ConfigError("give exactly one of pio=(base, length) or mmio=(base, length)")
-        space, (base, length) = (Space.PIO, pio) if pio is not None else (Space.MMIO, mmio)
-        mode = HandlerMode(mode)
-        if coalesced and mode is not HandlerMode.LOOP:
-            raise ConfigError(f"{name or type(device).__name__}: coalesced writes are delivered on the loop; "
-                              "use mode='loop'")
-        for spec in ioeventfds:
-            if not 0 <= spec.offset < length:
-                raise ConfigError(f"ioeventfd offset {spec.offset:#x} is outside the device's {length:#x} bytes")
-        region = self.bus.register(space, base, length, device, mode=mode, name=name)
-        try:
-            for spec in ioeventfds:
-                self._ioeventfds.append((region, IoEventFd(
-                    self.vm, self._loop, addr=base + spec.offset, size=spec.size, pio=space is Space.PIO,
-                    datamatch=spec.datamatch, callback=self._ioevent_callback(region, spec),
-                    name=f"{region.name}+{spec.offset:#x}",
-                )))
-            if coalesced:
-                self.vm.coalesced_zone(base, length, pio=space is Space.PIO)
-                self._coalesced_regions.append(region)
-                if self._coalesced is None:
-                    self._coalesced = CoalescedRing(self.vcpus[0], self._deliver_coalesced)
-                    self.dispatcher.pre_serve = self._coalesced.drain
-        except BaseException:
-            for entry in [e for e in self._ioeventfds if e[0] is region]:
-                entry[1].close()
-                self._ioeventfds.remove(entry)
-            self.bus.unregister(region)
-            raise
-        return region
+        return self.devices.attach(device, pio=pio, mmio=mmio, mode=mode, name=name, ioeventfds=ioeventfds,
+                                   coalesced=coalesced)
 
-    def _ioevent_callback(self, region: Region, spec: IoEvent):
-        device = region.device
-        notify = getattr(device, "ioevent", None)
-
-        def callback(count: int) -> None:
-            try:
-                if notify is not None:
-                    notify(spec.offset, spec.datamatch, count)
-                else:
-                    device.write(spec.offset, spec.size, spec.datamatch or 0)
-            except Exception as exc:
-                self._on_loop_error(exc)
-
-        return callback
-
-    def _deliver_coalesced(self, pio: bool, addr: int, size: int, data: bytes) -> None:
-        region = self.bus.find(Space.PIO if pio else Space.MMIO, addr, size)
-        if region is None:
-            return  # the zone was unregistered meanwhile
-        self._coalesced_counts[region.name] = self._coalesced_counts.get(region.name, 0) + 1
-        try:
-            region.device.write(addr - region.base, size, int.from_bytes(data, "little"))
-        except Exception as exc:
-            self._on_loop_error(exc)
-
-    # -- virtio and disks -------------------------------------------------------------------
     def add_virtio(self, device, *, ioeventfd: bool = True, name: str | None = None):
-        """Attach a virtio device on the next virtio-mmio slot, as QEMU microvm does.
+        """Attach a ``VirtioDevice`` on the next virtio-mmio slot, as QEMU microvm does.
 
         Slots fill from the top (7 down to 0): transport ``i`` at
         ``0xfeb00000 + 512*i`` with IRQ ``5 + i``; ``load()`` then appends
         ``virtio_mmio.device=512@0x...:IRQ`` to the command line.  QueueNotify
         goes through an ioeventfd unless ``ioeventfd=False`` (a plain exit,
-        for measurement); interrupts go through an irqfd.
+        for measurement); interrupts go through an irqfd.  Returns the transport.
         """
-        from .devices.virtio.mmio import MMIO_BASE, MMIO_FIRST_IRQ, MMIO_SIZE, MMIO_SLOTS, QUEUE_NOTIFY, MmioTransport
-
         self._require_open()
-        if self._loaded is not None:
-            raise ConfigError("add virtio devices before load(): the command line announces them")
-        used = {slot for slot, _ in self._virtio}
-        free = [slot for slot in range(MMIO_SLOTS - 1, -1, -1) if slot not in used]
-        if not free:
-            raise ConfigError(f"all {MMIO_SLOTS} virtio-mmio slots are taken")
-        slot = free[0]
-        base, irq = MMIO_BASE + MMIO_SIZE * slot, MMIO_FIRST_IRQ + slot
-        line = self.irqfd(irq)
-        transport = MmioTransport(device, self.memory, line.trigger)
-        queues = range(len(device.queue_max_sizes))
-        notify = [IoEvent(QUEUE_NOTIFY, 4, datamatch=q) for q in queues] if ioeventfd else []
-        self.add_device(transport, mmio=(base, MMIO_SIZE), name=name or f"virtio{slot}", ioeventfds=notify)
-        self._virtio.append((slot, transport))
-        return transport
+        return self.devices.attach_virtio(device, ioeventfd=ioeventfd, name=name)
 
     async def add_disk(self, disk, *, interface: str | None = None, read_only: bool | None = None,
                        ioeventfd: bool = True):
         """Attach a disk: a ``BlockBackend``, or a CLI-style spec
         ``PATH[,ro][,format=raw|nbd][,if=virtio|ata]`` (NBD: a URL).
 
-        Returns the device (``VirtioBlk`` or ``AtaDisk``).  The machine closes
-        the backend when it closes.
+        Returns the device (``VirtioBlk`` or ``AtaDisk``), which owns the
+        backend: the machine closes it when it closes.
         """
         from .devices.backends.spec import open_backend, parse_disk_spec
 
@@ -346,12 +274,10 @@ class Machine:
             backend = disk
             interface = interface or "virtio"
         try:
-            device = self._attach_disk(backend, interface, ioeventfd)
+            return self._attach_disk(backend, interface, ioeventfd)
         except BaseException:
             await backend.close()
             raise
-        self._disks.append((device, backend))
-        return device
 
     def _attach_disk(self, backend, interface: str, ioeventfd: bool):
         if interface == "virtio":
@@ -363,12 +289,10 @@ class Machine:
         if interface == "ata":
             from .devices.ata import ATA_BASE, ATA_CTRL, ATA_IRQ, AtaDisk
 
-            if any(type(d).__name__ == "AtaDisk" for d, _ in self._disks):
-                raise ConfigError("only one ATA disk (the primary master) is supported")
             device = AtaDisk(backend, irq=lambda level: self.irq_line(ATA_IRQ, level))
             region = self.add_device(device, pio=(ATA_BASE, 8), name="ata0")
             try:
-                self.add_device(device.control_port(), pio=(ATA_CTRL, 1), name="ata0-ctrl")
+                self.devices.attach(device.control_port(), pio=(ATA_CTRL, 1), name="ata0-ctrl", owner=device)
             except BaseException:
                 self.bus.unregister(region)
                 raise
@@ -382,14 +306,12 @@ class Machine:
         the loop after the guest acknowledged it.
         """
         self._require_open()
-        irq = IrqFd(self.vm, self._loop, gsi, resample=resample, on_resample=on_resample)
-        self._irqfds.append(irq)
-        return irq
+        return self.devices.irqfd(gsi, resample=resample, on_resample=on_resample)
 
     def irq_line(self, irq: int, level: bool) -> None:
         """Drive an in-kernel irqchip input (thread-safe)."""
-        if not self._closed:
-            self.vm.irq_line(irq, level)
+        if not self._closed and self.board is not None:
+            self.board.irq_line(irq, level)
 
     def load(self, guest: str | Path, cmdline: str = "") -> None:
         """Load a PVH ELF guest (a path or a bundled guest name) and set up vCPU 0."""
@@ -402,14 +324,11 @@ class Machine:
         if self.vcpu_count > 1 and "cpus=" not in cmdline.split("#")[0]:
             # Boot convention of the guest kit: the vCPU count on the cmdline.
             cmdline = f"{cmdline} cpus={self.vcpu_count}".strip()
-        from .devices.virtio.mmio import MMIO_BASE, MMIO_FIRST_IRQ, MMIO_SIZE
-
-        for slot, _ in sorted(self._virtio, reverse=True):
-            # What QEMU's auto-kernel-cmdline adds for each virtio-mmio device.
-            cmdline += f" virtio_mmio.device={MMIO_SIZE}@{MMIO_BASE + MMIO_SIZE * slot:#x}:{MMIO_FIRST_IRQ + slot}"
-        cmdline = cmdline.strip()
+        # What QEMU's auto-kernel-cmdline adds for each virtio-mmio device.
+        cmdline = " ".join([cmdline, *self.board.virtio_slots.cmdline_entries()]).strip()
         start_info = boot.write_start_info(self.memory, cmdline)
         boot.pvh_initial_state(self.vcpus[0], image.entry32, start_info)
+        self.devices.freeze_virtio("load()")
         self.cmdline = cmdline
         self._loaded = path
 
@@ -443,14 +362,15 @@ class Machine:
                 on_error=self._on_loop_error, poll_window_us=self._poll_window_us,
             )
             self._slot_server.start()
-        if self._coalesced is not None:
-            self._schedule_coalesced()
+        self.devices.start()
+        self._log.info("machine started", guest=self._loaded.name)
         try:
             for thread in self._threads:
                 thread.start()
             try:
                 outcome = await asyncio.wait_for(asyncio.shield(self._outcome), timeout)
             except TimeoutError:
+                self._log.info("machine timed out", timeout=timeout)
                 raise MachineTimeout(
                     f"guest {self._loaded.name} did not finish within {timeout:g}s"
                 ) from None
@@ -459,14 +379,12 @@ class Machine:
             await self._join_vcpus()
             if self._slot_server is not None:
                 self._slot_server.close()
-            if self._coalesced_handle is not None:
-                self._coalesced_handle.cancel()
-                self._coalesced_handle = None
-            self._drain_kernel_paths()
-            self.console.drain()
+            self.devices.stop()
             self._running = False
         if isinstance(outcome, BaseException):
+            self._log.info("machine stopped on an error", error=str(outcome), error_type=type(outcome).__name__)
             raise outcome
+        self._log.info("machine stopped", reason=outcome.reason, code=outcome.code)
         return outcome
 
     def stop(self) -> None:
@@ -624,105 +542,13 @@ class Machine:
     def running(self) -> bool:
         return self._running
 
-    #: how often the coalesced ring is drained while nothing else drains it
-    COALESCED_DRAIN_S = 0.001
-
-    def _schedule_coalesced(self) -> None:
-        self._coalesced.drain()
-        self._coalesced_handle = self._loop.call_later(self.COALESCED_DRAIN_S, self._schedule_coalesced)
-
-    def _drain_kernel_paths(self) -> None:
-        """Deliver what the guest wrote through kernel paths before it stopped."""
-        if self._coalesced is not None:
-            self._coalesced.drain()
-        for _, efd in self._ioeventfds:
-            efd.drain()
-
     def stats(self) -> dict:
-        """Counters, latency percentiles, mode split and KVM's own counters, as plain data.
+        """Counters, latency percentiles, mode split, device counters and KVM's own counters, as plain data.
 
-        The schema (``"aiokvm.stats/1"``) is documented in docs/stats-schema.md.
+        The schema is documented in docs/stats-schema.md (``metrics.STATS_SCHEMA``).
         """
-        vcpus = []
-        for i, thread in enumerate(self._threads):
-            kvm = self._kvm_stats[i].read() if i < len(self._kvm_stats) and not self._closed else {}
-            kvm = {k: v for k, v in kvm.items() if isinstance(v, int)}
-            vcpus.append(vcpu_stats(
-                thread, self.bus, kvm=kvm, modes=self._modes(thread),
-                latency=thread.latency.summary(),
-            ))
-        unclaimed = {
-            "pio": {"reads": sum(v["unclaimed"]["pio_reads"] for v in vcpus),
-                    "writes": sum(v["unclaimed"]["pio_writes"] for v in vcpus)},
-            "mmio": {"reads": sum(v["unclaimed"]["mmio_reads"] for v in vcpus),
-                     "writes": sum(v["unclaimed"]["mmio_writes"] for v in vcpus)},
-        }
-        server = self._slot_server
-        paths = merge_counts(vcpus, "paths")
-        for region, efd in self._ioeventfds:
-            key = f"{region.name}/ioeventfd"
-            paths[key] = paths.get(key, 0) + efd.count
-        for name, count in self._coalesced_counts.items():
-            paths[f"{name}/coalesced"] = count
-        return {
-            "schema": STATS_SCHEMA,
-            "vm": self.name,
-            "handoff": self.handoff_name,
-            "vcpus": vcpus,
-            "exits": merge_counts(vcpus, "exits"),
-            "pio": merge_counts(vcpus, "pio"),
-            "mmio": merge_counts(vcpus, "mmio"),
-            "paths": dict(sorted(paths.items())),
-            "unclaimed": unclaimed,
-            "kernel_paths": {
-                "ioeventfd": {efd.name: {"signals": efd.count, "loop_wakeups": efd.wakeups}
-                              for _, efd in self._ioeventfds},
-                "irqfd": {str(irq.gsi): {"triggers": irq.triggers, "resamples": irq.resamples}
-                          for irq in self._irqfds},
-                "coalesced": {"entries": self._coalesced.entries if self._coalesced else 0,
-                              "by_region": dict(self._coalesced_counts)},
-            },
-            "loop": {"wakeups": server.wakeups, "served": server.served,
-                     "idle_sleeps": server.idle_sleeps} if server is not None else {},
-        }
-
-    def _modes(self, thread) -> dict:
-        start = thread.times_start
-        if start is None or thread.started_ns is None:
-            return {}
-        end = thread.times_end
-        end_ns = thread.ended_ns
-        if end is None:  # still running: read it live
-            if end_ns is not None or thread.native_id is None:
-                return {}
-            try:
-                end = read_thread_times_precise(thread.native_id)
-            except OSError:
-                return {}
-            import time as _time
-
-            end_ns = _time.monotonic_ns()
-        ctx = thread.ctx
-        return mode_split(diff(start, end), wall_s=(end_ns - thread.started_ns) / 1e9,
-                          spin_wait_s=ctx.spin_wait_ns / 1e9, sleep_wait_s=ctx.sleep_wait_ns / 1e9)
-
-
-def _cpuid_for(supported, index: int, count: int):
-    """The host-supported CPUID with this vCPU's APIC ID filled in."""
-    from .kvm import ffi
-
-    n = supported.nent
-    cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
-    cpuid.nent = n
-    for i in range(n):
-        src, dst = supported.entries[i], cpuid.entries[i]
-        for field in ("function", "index", "flags", "eax", "ebx", "ecx", "edx"):
-            setattr(dst, field, getattr(src, field))
-        if dst.function == 1:
-            # EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
-            dst.ebx = (dst.ebx & 0x0000FFFF) | (index << 24) | (min(count, 255) << 16)
-            if count > 1:
-                dst.edx |= 1 << 28  # HTT: the count field above is valid
-        elif dst.function in (0xB, 0x1F):
-            dst.edx = index  # x2APIC ID
-    return cpuid
+        return machine_stats(
+            name=self.name, handoff=self.handoff_name, threads=self._threads, bus=self.bus,
+            devices=self.devices, slot_server=self._slot_server,
+            kvm=(lambda i: {}) if self._closed or self.board is None else self.board.kvm_counters,
+        )

@@ -13,20 +13,26 @@ Sources, cheapest first:
 - **/proc/self/task/<tid>/stat** for guest / user / kernel time per vCPU
   thread (``procstat.py``), and **KVM's binary stats** (``kvm/stats.py``).
 
-``vcpu_stats`` turns all of it into plain data; the schema is documented in
-``docs/stats-schema.md`` (``"schema": "aiokvm.stats/1"``).
+- **Device counters**: every device with ``metrics()`` (the device manager
+  collects them).
+
+``machine_stats`` assembles all of it into plain data for
+``Machine.stats()``; the schema is documented in ``docs/stats-schema.md``
+(``"schema": STATS_SCHEMA``).
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
 
 from .kvm import ffi, lib
+from .procstat import diff, read_thread_times_precise
 
-STATS_SCHEMA = "aiokvm.stats/1"
+STATS_SCHEMA = "aiokvm.stats/2"
 HIST_MAX_NS = 60 * 10**9
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
@@ -178,16 +184,18 @@ def vcpu_stats(thread, bus, *, kvm: dict | None, modes: dict | None, latency: di
 
 
 def mode_split(times, *, wall_s: float, spin_wait_s: float, sleep_wait_s: float) -> dict:
-    """Guest / user / kernel / wait seconds of a vCPU thread, partitioning ``wall_s``.
+    """Guest / user / kernel / wait / runnable seconds of a vCPU thread, partitioning ``wall_s``.
 
     ``times`` is a ``procstat.ThreadTimes`` difference.  The tick-based split
     (10 ms resolution) is scaled to schedstat's exact on-CPU time when it is
     available.  ``wait_s`` is the measured wall time waiting for loop-hosted
     handlers (spinning, then sleeping).  CPU time spent *inside* those waits
     would otherwise count twice, so it leaves the other modes: the spinning
-    leaves ``user_s``, and whatever still overlaps (the futex system calls)
-    leaves ``kernel_s``.  ``unaccounted_s`` is the rest: runnable but not
-    running (more busy threads than cores), waiting for the GIL, or parked by
+    leaves ``user_s``, and whatever still overlaps leaves ``kernel_s``, then
+    ``user_s``, so the modes partition ``wall_s`` by construction.  ``runnable_s`` is time the thread waited on a run
+    queue for a CPU (schedstat), as far as the rest leaves room for it (a
+    wait on the run queue inside a handoff wait is already ``wait_s``).
+    ``unaccounted_s`` is what remains: waiting for the GIL, or parked by
     ``pause()``.
     """
     guest, user, kernel = times.guest_s, times.user_s, times.kernel_s
@@ -197,18 +205,81 @@ def mode_split(times, *, wall_s: float, spin_wait_s: float, sleep_wait_s: float)
         guest, user, kernel = guest * scale, user * scale, kernel * scale
     user = max(user - spin_wait_s, 0.0)
     wait = spin_wait_s + sleep_wait_s
+    # Whatever still overlaps the waits (futex calls, and for a Python-level
+    # handoff the GIL and Python code inside its measured wait) leaves
+    # kernel time first, then user time: the result is a partition.
     overlap = max(guest + user + kernel + wait - wall_s, 0.0)
-    kernel = max(kernel - overlap, 0.0)
-    accounted = guest + user + kernel + wait
+    taken = min(kernel, overlap)
+    kernel -= taken
+    user = max(user - (overlap - taken), 0.0)
+    on_cpu_or_waiting = guest + user + kernel + wait
+    runnable = min(times.runqueue_s or 0.0, max(wall_s - on_cpu_or_waiting, 0.0))
+    accounted = on_cpu_or_waiting + runnable
     return {
         "guest_s": guest,
         "user_s": user,
         "kernel_s": kernel,
         "wait_s": wait,
+        "runnable_s": runnable,
         "wall_s": wall_s,
         "on_cpu_s": times.on_cpu_s,
+        "runqueue_s": times.runqueue_s,
         "unaccounted_s": max(wall_s - accounted, 0.0),
         "accounted_fraction": (accounted / wall_s) if wall_s > 0 else None,
+    }
+
+
+def thread_modes(thread) -> dict:
+    """The mode split of a vCPU thread (``VcpuThread``) from its start to its end (or now)."""
+    start = thread.times_start
+    if start is None or thread.started_ns is None:
+        return {}
+    end, end_ns = thread.times_end, thread.ended_ns
+    if end is None:  # still running: read it live
+        if end_ns is not None or thread.native_id is None:
+            return {}
+        try:
+            end = read_thread_times_precise(thread.native_id)
+        except OSError:
+            return {}
+        end_ns = time.monotonic_ns()
+    ctx = thread.ctx
+    return mode_split(diff(start, end), wall_s=(end_ns - thread.started_ns) / 1e9,
+                      spin_wait_s=ctx.spin_wait_ns / 1e9, sleep_wait_s=ctx.sleep_wait_ns / 1e9)
+
+
+def machine_stats(*, name: str, handoff: str, threads: list, bus, devices, slot_server, kvm) -> dict:
+    """``Machine.stats()``: every counter of one machine as plain data (docs/stats-schema.md).
+
+    ``kvm(index)`` returns KVM's own counters of vCPU ``index``; ``devices``
+    is the machine's ``DeviceManager`` (or None before it is open).
+    """
+    vcpus = [vcpu_stats(t, bus, kvm=kvm(i), modes=thread_modes(t), latency=t.latency.summary())
+             for i, t in enumerate(threads)]
+    unclaimed = {
+        space: {"reads": sum(v["unclaimed"][f"{space}_reads"] for v in vcpus),
+                "writes": sum(v["unclaimed"][f"{space}_writes"] for v in vcpus)}
+        for space in ("pio", "mmio")
+    }
+    paths = merge_counts(vcpus, "paths")
+    if devices is not None:
+        for key, count in devices.kernel_path_counts().items():
+            paths[key] = paths.get(key, 0) + count
+    server = slot_server
+    return {
+        "schema": STATS_SCHEMA,
+        "vm": name,
+        "handoff": handoff,
+        "vcpus": vcpus,
+        "exits": merge_counts(vcpus, "exits"),
+        "pio": merge_counts(vcpus, "pio"),
+        "mmio": merge_counts(vcpus, "mmio"),
+        "paths": dict(sorted(paths.items())),
+        "unclaimed": unclaimed,
+        "kernel_paths": devices.kernel_paths() if devices is not None else {},
+        "loop": {"wakeups": server.wakeups, "served": server.served, "idle_sleeps": server.idle_sleeps,
+                 "held_writes": server.held} if server is not None else {},
+        "devices": devices.metrics() if devices is not None else {},
     }
 
 

@@ -43,7 +43,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["ThreadTimes", "diff", "parse_stat", "read_on_cpu_ns", "read_thread_times", "read_thread_times_precise"]
+__all__ = ["ThreadTimes", "diff", "parse_stat", "read_on_cpu_ns", "read_schedstat_ns", "read_thread_times",
+           "read_thread_times_precise"]
 
 # 1-based field numbers in proc(5); fields after comm are counted from 3 (state).
 _UTIME, _STIME, _GUEST_TIME = 14, 15, 43
@@ -68,6 +69,8 @@ class ThreadTimes:
     stime_s: float
     guest_s: float
     on_cpu_s: float | None = None
+    #: time runnable but waiting for a CPU (schedstat field 2), or None
+    runqueue_s: float | None = None
 
     @property
     def guest_mode_s(self) -> float:
@@ -136,26 +139,32 @@ def read_thread_times(tid: int, pid: int | None = None) -> ThreadTimes:
         return parse_stat(f.read())
 
 
-def read_on_cpu_ns(tid: int, pid: int | None = None) -> int | None:
-    """Precise on-CPU time of a thread in ns (schedstat field 1), or ``None``."""
+def read_schedstat_ns(tid: int, pid: int | None = None) -> tuple[int, int] | None:
+    """A thread's schedstat in ns: (on CPU, waiting on a run queue), or ``None``."""
     try:
         with open(f"{_task_dir(tid, pid)}/schedstat") as f:
             fields = f.read().split()
     except (FileNotFoundError, PermissionError):
         return None
     try:
-        return int(fields[0])
+        return int(fields[0]), int(fields[1])
     except (IndexError, ValueError):
         return None
 
 
+def read_on_cpu_ns(tid: int, pid: int | None = None) -> int | None:
+    """Precise on-CPU time of a thread in ns (schedstat field 1), or ``None``."""
+    sched = read_schedstat_ns(tid, pid)
+    return None if sched is None else sched[0]
+
+
 def read_thread_times_precise(tid: int, pid: int | None = None) -> ThreadTimes:
-    """``read_thread_times`` plus ``on_cpu_s`` from schedstat (``None`` if unavailable)."""
+    """``read_thread_times`` plus ``on_cpu_s`` and ``runqueue_s`` from schedstat (``None`` if unavailable)."""
     times = read_thread_times(tid, pid)
-    ns = read_on_cpu_ns(tid, pid)
-    if ns is None:
+    sched = read_schedstat_ns(tid, pid)
+    if sched is None:
         return times
-    return ThreadTimes(times.utime_s, times.stime_s, times.guest_s, ns / 1e9)
+    return ThreadTimes(times.utime_s, times.stime_s, times.guest_s, sched[0] / 1e9, sched[1] / 1e9)
 
 
 def diff(a: ThreadTimes, b: ThreadTimes) -> ThreadTimes:
@@ -164,9 +173,11 @@ def diff(a: ThreadTimes, b: ThreadTimes) -> ThreadTimes:
     ``on_cpu_s`` is ``None`` unless both samples have it.
     """
     on_cpu = None if a.on_cpu_s is None or b.on_cpu_s is None else b.on_cpu_s - a.on_cpu_s
+    runqueue = None if a.runqueue_s is None or b.runqueue_s is None else b.runqueue_s - a.runqueue_s
     return ThreadTimes(
         utime_s=b.utime_s - a.utime_s,
         stime_s=b.stime_s - a.stime_s,
         guest_s=b.guest_s - a.guest_s,
         on_cpu_s=on_cpu,
+        runqueue_s=runqueue,
     )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .backends.base import BackendIOError
 
@@ -45,7 +45,7 @@ LBA28_MAX = 0x0FFF_FFFF
 
 
 @dataclass
-class AtaMetrics:
+class AtaCounters:
     commands: int = 0
     sectors_read: int = 0
     sectors_written: int = 0
@@ -64,6 +64,8 @@ class AtaDisk:
     """The primary-channel master.  Register it at 0x1f0 (8 ports) and
     ``control_port()`` at 0x3f6 (1 port)."""
 
+    kind = "ata"
+
     def __init__(self, backend, irq: Callable[[bool], None] | None = None) -> None:
         if backend.size % SECTOR:
             raise ValueError("backend size must be a multiple of 512")
@@ -71,7 +73,7 @@ class AtaDisk:
         self.capacity = backend.size // SECTOR
         self.read_only = bool(backend.read_only)
         self._irq = irq
-        self.metrics = AtaMetrics()
+        self.counters = AtaCounters()
         self._tasks: set[asyncio.Task] = set()
         self._identify = self._build_identify()
         self._reset()
@@ -111,7 +113,7 @@ class AtaDisk:
         return (self.device & 0x0F) << 24 | self.lba[2] << 16 | self.lba[1] << 8 | self.lba[0]
 
     def _abort(self, error: int = ABRT) -> None:
-        self.metrics.aborted += 1
+        self.counters.aborted += 1
         self.error = error
         self.status = DRDY | DSC | ERR
         self._op = None
@@ -168,7 +170,7 @@ class AtaDisk:
     def _command(self, command: int) -> None:
         if self.status & BSY:
             return  # commands while busy are ignored, as on real drives
-        self.metrics.commands += 1
+        self.counters.commands += 1
         self.error = 0
         self._set_irq(False)
         count = self.count or 256
@@ -219,7 +221,7 @@ class AtaDisk:
         except BackendIOError:
             self._abort(ABRT)
             return
-        self.metrics.sectors_read += count
+        self.counters.sectors_read += count
         self._start_data_in(data, CMD_READ)
 
     async def _write_sector(self, lba: int, sector: bytes) -> None:
@@ -228,7 +230,7 @@ class AtaDisk:
         except BackendIOError:
             self._abort(ABRT)
             return
-        self.metrics.sectors_written += 1
+        self.counters.sectors_written += 1
         self._remaining -= 1
         self._next_lba += 1
         if self._remaining:
@@ -246,7 +248,7 @@ class AtaDisk:
         except BackendIOError:
             self._abort(ABRT)
             return
-        self.metrics.flushes += 1
+        self.counters.flushes += 1
         self._op = None
         self.status = DRDY | DSC
         self._interrupt()
@@ -274,7 +276,7 @@ class AtaDisk:
         return bytes(out.ljust(want, b"\0"))
 
     def _advance_in(self, n: int) -> None:
-        self.metrics.data_words += n // 2
+        self.counters.data_words += n // 2
         self._pos += n
         if self._pos >= len(self._buffer):
             self._buffer = bytearray()
@@ -305,7 +307,7 @@ class AtaDisk:
         n = min(len(data), SECTOR - self._pos)
         self._buffer[self._pos:self._pos + n] = data[:n]
         self._pos += n
-        self.metrics.data_words += n // 2
+        self.counters.data_words += n // 2
         if self._pos >= SECTOR:
             sector = bytes(self._buffer)
             self._spawn(self._write_sector(self._next_lba, sector))
@@ -342,6 +344,14 @@ class AtaDisk:
     async def drain(self) -> None:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def metrics(self) -> dict:
+        return {"kind": self.kind, "counters": asdict(self.counters)}
+
+    async def aclose(self) -> None:
+        """Wait for commands in flight, then close the backend."""
+        await self.drain()
+        await self.backend.close()
 
 
 class _Control:

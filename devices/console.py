@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterable, Callable
+from dataclasses import asdict
 from typing import Any
 
 import structlog
@@ -38,6 +39,8 @@ PENDING_INPUT_LIMIT = 4096
 
 class SerialConsole:
     """The bus device for COM1 (8 ports)."""
+
+    kind = "serial"
 
     def __init__(
         self,
@@ -154,6 +157,16 @@ class SerialConsole:
             async for chunk in source:
                 await self._input_room.wait()
                 self.feed(bytes(chunk))
+
+    def metrics(self) -> dict:
+        with self._lock:
+            counters = asdict(self.uart.counters)
+            counters["input_pending"] = len(self._pending_in)
+        return {"kind": self.kind, "counters": counters}
+
+    async def aclose(self) -> None:
+        self.close()
+        self.drain()
 
     def close(self) -> None:
         if self._source_task is not None:

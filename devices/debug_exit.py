@@ -16,6 +16,8 @@ DEBUG_EXIT_SIZE = 4
 class DebugExit:
     """Register device; runs inline (it only records the code and asks to stop)."""
 
+    kind = "debug-exit"
+
     def __init__(self, on_exit: Callable[[int], None]) -> None:
         self._on_exit = on_exit
         self.writes = 0
@@ -26,3 +28,6 @@ class DebugExit:
     def write(self, offset: int, size: int, value: int) -> None:
         self.writes += 1
         self._on_exit(value)
+
+    def metrics(self) -> dict:
+        return {"kind": self.kind, "counters": {"writes": self.writes}}

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Uart16550", "UartMetrics"]
+__all__ = ["Uart16550", "UartCounters"]
 
 # Register offsets (relative to the base port).
 _RBR_THR_DLL = 0
@@ -95,7 +95,7 @@ _RESET_DIVISOR = 0x000C  # 115200 / 12 = 9600 baud, QEMU's default.
 
 
 @dataclass
-class UartMetrics:
+class UartCounters:
     """Counters only ever increase; an embedder may read them at any time."""
 
     tx_bytes: int = 0  # bytes passed to on_output
@@ -155,7 +155,7 @@ class Uart16550:
     """
 
     FIFO_SIZE = 64
-    metrics: UartMetrics
+    counters: UartCounters
 
     def __init__(
         self,
@@ -165,7 +165,7 @@ class Uart16550:
     ) -> None:
         self._on_output = on_output
         self._irq = irq
-        self.metrics = UartMetrics()
+        self.counters = UartCounters()
         self._rx: deque[int] = deque()
         self._irq_level = False
         self._reset()
@@ -200,7 +200,7 @@ class Uart16550:
     def feed(self, data: bytes) -> int:
         """Queue host input for the guest and return how many bytes were taken.
 
-        Bytes that do not fit are counted in ``metrics.rx_refused`` and
+        Bytes that do not fit are counted in ``counters.rx_refused`` and
         dropped here. The caller keeps them and offers them again after the
         guest has drained the FIFO.
         """
@@ -211,15 +211,15 @@ class Uart16550:
         else:
             accepted = min(len(data), self.rx_space)
             self._rx.extend(data[:accepted])
-        self.metrics.rx_bytes += accepted
-        self.metrics.rx_refused += len(data) - accepted
+        self.counters.rx_bytes += accepted
+        self.counters.rx_refused += len(data) - accepted
         if accepted:
             self._update_irq()
         return accepted
 
     def read(self, offset: int) -> int:
         """Guest read of register ``offset``; always returns 0..255."""
-        self.metrics.reads += 1
+        self.counters.reads += 1
         dlab = bool(self._lcr & _LCR_DLAB)
         if offset == _RBR_THR_DLL:
             return self._divisor & 0xFF if dlab else self._read_rbr()
@@ -241,7 +241,7 @@ class Uart16550:
 
     def write(self, offset: int, value: int) -> None:
         """Guest write of ``value`` (masked to 8 bits) to register ``offset``."""
-        self.metrics.writes += 1
+        self.counters.writes += 1
         value &= 0xFF
         dlab = bool(self._lcr & _LCR_DLAB)
         if offset == _RBR_THR_DLL:
@@ -285,7 +285,7 @@ class Uart16550:
         self._update_irq()
         try:
             if self._mcr & _MCR_LOOP:
-                self.metrics.loopback_bytes += 1
+                self.counters.loopback_bytes += 1
                 if len(self._rx) < self.FIFO_SIZE:
                     self._rx.append(value)
                 else:
@@ -293,7 +293,7 @@ class Uart16550:
                     self._overrun = True
             else:
                 self._on_output(bytes((value,)))
-                self.metrics.tx_bytes += 1
+                self.counters.tx_bytes += 1
         finally:
             # The byte has "left" at once, so THR is empty again. Re-arm even
             # if on_output raised: a lost THRE interrupt stalls guest TX.
@@ -408,6 +408,6 @@ class Uart16550:
         # always equals irq_level.
         self._irq_level = level
         if level:
-            self.metrics.irq_raises += 1
+            self.counters.irq_raises += 1
         if self._irq is not None:
             self._irq(level)

@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 import structlog
 
+from .. import access
 from ..errors import ConfigError, DeviceError, GuestError, HandoffCancelled, KvmError
 from ..kvm import VcpuFd, ffi, lib
 from ..metrics import LatencyHistograms, VcpuMetrics
@@ -242,11 +243,11 @@ class VcpuThread:
         writes, reads = dispatcher.vcpu_tables(ctx)  # likewise
         RC_PYTHON, RC_INTR, RC_OTHER = lib.AIOKVM_RC_PYTHON, lib.AIOKVM_RC_INTR, lib.AIOKVM_RC_OTHER
         RC_CANCELLED = lib.AIOKVM_RC_CANCELLED
-        # In the packed word (code | op << 4 | ...): the code and the string bit
-        # select one-element accesses, the write bit tells writes from reads.
-        ONE_ELEMENT_MASK, ONE_ELEMENT = 15 | lib.AIOKVM_OP_STRING << 4, RC_PYTHON
-        WRITE_BIT = lib.AIOKVM_OP_WRITE << 4
-        ALL = (1 << 64) - 1
+        # The packed word's layout (aiokvm/access.py), bound to locals.
+        ONE_ELEMENT_MASK, ONE_ELEMENT, WRITE_OP = access.ONE_ELEMENT_MASK, access.ONE_ELEMENT, access.WRITE_OP
+        CODE_MASK, ALL = access.CODE_MASK, access.ALL_ONES
+        REGION_SHIFT, REGION_MASK = access.REGION_SHIFT, access.REGION_MASK
+        SIZE_SHIFT, SIZE_MASK, OFFSET_SHIFT = access.SIZE_SHIFT, access.SIZE_MASK, access.OFFSET_SHIFT
         rc = run(ctx)
         while True:
             # The hot cases first: one device call and one C call per exit.
@@ -254,11 +255,13 @@ class VcpuThread:
             # caught here came from the device or from converting its result.
             if rc & ONE_ELEMENT_MASK == ONE_ELEMENT and rc > 0:
                 try:
-                    if rc & WRITE_BIT:
-                        writes[(rc >> 10) & 1023](rc >> 20, (rc >> 6) & 15, ctx.value)
+                    if rc & WRITE_OP:
+                        writes[(rc >> REGION_SHIFT) & REGION_MASK](rc >> OFFSET_SHIFT, (rc >> SIZE_SHIFT) & SIZE_MASK,
+                                                                   ctx.value)
                         rc = run(ctx)
                     else:
-                        rc = run_read(ctx, reads[(rc >> 10) & 1023](rc >> 20, (rc >> 6) & 15) & ALL)
+                        rc = run_read(ctx, reads[(rc >> REGION_SHIFT) & REGION_MASK](
+                            rc >> OFFSET_SHIFT, (rc >> SIZE_SHIFT) & SIZE_MASK) & ALL)
                     continue
                 except HandoffCancelled:
                     return
@@ -266,9 +269,9 @@ class VcpuThread:
                     raise
                 except Exception as exc:
                     raise dispatcher.failure(rc, ctx, exc) from exc
-            if rc & 15 == RC_PYTHON and rc > 0:  # string I/O
+            if rc & CODE_MASK == RC_PYTHON and rc > 0:  # string I/O
                 try:
-                    handlers[(rc >> 10) & 1023](rc, ctx)
+                    handlers[(rc >> REGION_SHIFT) & REGION_MASK](rc, ctx)
                 except HandoffCancelled:
                     return
             elif rc == RC_INTR:

@@ -183,6 +183,15 @@ struct kvm_run {
 #define AIOKVM_INLINE ...
 #define AIOKVM_LOOP ...
 #define AIOKVM_RC_PYTHON ...
+#define AIOKVM_PACK_CODE_MASK ...
+#define AIOKVM_PACK_OP_SHIFT ...
+#define AIOKVM_PACK_OP_MASK ...
+#define AIOKVM_PACK_SIZE_SHIFT ...
+#define AIOKVM_PACK_SIZE_MASK ...
+#define AIOKVM_PACK_REGION_SHIFT ...
+#define AIOKVM_PACK_REGION_MASK ...
+#define AIOKVM_PACK_OFFSET_SHIFT ...
+#define AIOKVM_PACK_OFFSET_BITS ...
 #define AIOKVM_OP_READ ...
 #define AIOKVM_OP_WRITE ...
 #define AIOKVM_OP_STRING ...
@@ -215,12 +224,12 @@ struct aiokvm_vcpu;
 struct aiokvm_hub {
     uint32_t polling; int32_t wake_fd; uint32_t nvcpus; uint32_t spin_yield; uint32_t next_scan;
     int32_t current; uint64_t value; uint64_t spin_ns;
-    struct aiokvm_vcpu *vcpus[64]; ...;
+    struct aiokvm_vcpu *vcpus[...]; ...;
 };
 struct aiokvm_vcpu {
     int32_t fd; uint32_t index; struct kvm_run *run; struct aiokvm_hub *hub;
     uint16_t *pio_table; uint64_t *pio_counts;
-    uint32_t n_mmio; uint32_t mech; struct aiokvm_mmio_region mmio[64]; uint64_t region_base[1024];
+    uint32_t n_mmio; uint32_t mech; struct aiokvm_mmio_region mmio[...]; uint64_t region_base[...];
     uint64_t spin_ns; uint32_t stop;
     uint32_t kind; uint32_t region; uint32_t size; uint32_t count; uint32_t simple;
     uint64_t addr; uint64_t value; int64_t packed;
@@ -229,14 +238,16 @@ struct aiokvm_vcpu {
     uint64_t unclaimed_pio_reads, unclaimed_pio_writes, unclaimed_mmio_reads, unclaimed_mmio_writes;
     uint64_t to_python, to_loop, spin_hits, futex_waits, wakeups_sent;
     uint64_t wait_ns, spin_wait_ns, sleep_wait_ns, kvm_run_ns, python_ns;
-    uint64_t region_hits[1024];
-    uint32_t sample_every; struct aiokvm_hist hist[3];
+    uint64_t region_hits[...];
+    uint32_t sample_every; struct aiokvm_hist hist[...];
     ...;
 };
 int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v);
 int64_t aiokvm_vcpu_run_read(struct aiokvm_vcpu *v, uint64_t value);
 int64_t aiokvm_hub_serve(struct aiokvm_hub *hub, uint64_t result);
 void aiokvm_hub_finish(struct aiokvm_hub *hub, uint64_t result);
+int32_t aiokvm_hub_detach(struct aiokvm_hub *hub);
+int aiokvm_complete_held(struct aiokvm_vcpu *v, uint64_t value);
 uint64_t aiokvm_hub_set_polling(struct aiokvm_hub *hub, uint32_t on);
 void aiokvm_cancel(struct aiokvm_vcpu *v);
 uint64_t aiokvm_hist_index(const struct aiokvm_hist *h, uint64_t v);

@@ -12,12 +12,20 @@
  * It returns to Python only for inline handlers, non-I/O exits, kicks and
  * errors.  Every field Python reads is plain data in struct aiokvm_vcpu.
  *
- * Memory ordering: the slot is the only synchronisation between the vCPU
- * thread and the loop.  Posting is a release store after the exit fields
- * are written; completing is a release store after the result is written
- * into kvm_run.  The "polling" and "waiting" flags use sequentially
- * consistent accesses so that a poster and a sleeper cannot both miss each
- * other (store flag, then load the other side's flag).
+ * The slot is the only synchronisation between the vCPU thread and the
+ * loop.  Its states and who moves them, every move a compare-and-swap:
+ *
+ *   EMPTY  -> POSTED     vCPU, after writing the access fields (release)
+ *   POSTED -> TAKEN      loop, claiming the access (acquire)
+ *   TAKEN  -> DONE       loop, after writing the result into kvm_run (release)
+ *   DONE   -> EMPTY      vCPU, after reading the result
+ *   POSTED | TAKEN -> CANCELLED   any thread, the machine stopping
+ *
+ * CANCELLED is final: a claim or a completion that finds it does nothing,
+ * and a vCPU that finds it (or fails to post) returns AIOKVM_RC_CANCELLED.
+ * The "polling" and "waiting" flags use sequentially consistent accesses so
+ * that a poster and a sleeper cannot both miss each other (store flag, then
+ * load the other side's flag).
  */
 #ifndef AIOKVM_VCPU_LOOP_H
 #define AIOKVM_VCPU_LOOP_H
@@ -34,7 +42,7 @@
 #include <unistd.h>
 
 #define AIOKVM_MAX_MMIO_REGIONS 64
-#define AIOKVM_MAX_REGIONS 1024
+#define AIOKVM_MAX_REGIONS 1024 /* = AIOKVM_PACK_REGION_MASK + 1 */
 #define AIOKVM_HUB_MAX_VCPUS 64
 
 /* Region modes in the C lookup tables. */
@@ -45,7 +53,17 @@
 /* Return codes of aiokvm_vcpu_run (negative: -errno).  AIOKVM_RC_PYTHON comes
  * packed with the access, so Python needs no field reads to dispatch it:
  *   bits 0-3 code, 4-5 op (AIOKVM_OP_*), 6-9 size, 10-19 region id,
- *   20-62 offset within the region.  The same word is in v->packed. */
+ *   20-62 offset within the region.  The same word is in v->packed.
+ * The layout is exported to Python (aiokvm/access.py decodes it). */
+#define AIOKVM_PACK_CODE_MASK 15
+#define AIOKVM_PACK_OP_SHIFT 4
+#define AIOKVM_PACK_OP_MASK 3
+#define AIOKVM_PACK_SIZE_SHIFT 6
+#define AIOKVM_PACK_SIZE_MASK 15
+#define AIOKVM_PACK_REGION_SHIFT 10
+#define AIOKVM_PACK_REGION_MASK 1023
+#define AIOKVM_PACK_OFFSET_SHIFT 20
+#define AIOKVM_PACK_OFFSET_BITS 43
 #define AIOKVM_RC_PYTHON 1    /* an access for a Python handler */
 #define AIOKVM_RC_OTHER 2     /* a non-I/O exit: decode kvm_run */
 #define AIOKVM_RC_INTR 3      /* kicked (stop flag or EINTR) */
@@ -200,6 +218,12 @@ static inline void aiokvm_spin_relax(const struct aiokvm_hub *hub)
         __builtin_ia32_pause();
 }
 
+/* Move the slot from `from` to `to`; false if it was in another state. */
+static inline int aiokvm_slot_move(uint32_t *slot, uint32_t from, uint32_t to)
+{
+    return __atomic_compare_exchange_n(slot, &from, to, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
 static inline long aiokvm_futex(uint32_t *addr, int op, uint32_t val)
 {
     return syscall(SYS_futex, addr, op, val, NULL, NULL, 0);
@@ -267,8 +291,12 @@ static int aiokvm_post_and_wait(struct aiokvm_vcpu *v, uint64_t *t_done_out)
     uint64_t t0 = v->t_exit;
     uint32_t s;
 
+    if (!aiokvm_slot_move(&v->slot, AIOKVM_SLOT_EMPTY, AIOKVM_SLOT_POSTED)) {
+        *t_done_out = aiokvm_now_ns(); /* cancelled before it was posted */
+        return AIOKVM_RC_CANCELLED;
+    }
     v->to_loop++;
-    __atomic_store_n(&v->slot, AIOKVM_SLOT_POSTED, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the post, then the look at hub->polling */
     if (v->mech == AIOKVM_MECH_FUTEX || !__atomic_load_n(&hub->polling, __ATOMIC_SEQ_CST)) {
         uint64_t one = 1;
         if (write(hub->wake_fd, &one, sizeof(one)) == sizeof(one))
@@ -307,9 +335,8 @@ done:;
     v->spin_wait_ns += t_sleep - t0;
     v->sleep_wait_ns += t_done - t_sleep;
     v->wait_ns += t_done - t0;
-    if (s == AIOKVM_SLOT_CANCELLED)
+    if (s == AIOKVM_SLOT_CANCELLED || !aiokvm_slot_move(&v->slot, AIOKVM_SLOT_DONE, AIOKVM_SLOT_EMPTY))
         return AIOKVM_RC_CANCELLED;
-    __atomic_store_n(&v->slot, AIOKVM_SLOT_EMPTY, __ATOMIC_RELAXED);
     return 0;
 }
 
@@ -448,9 +475,10 @@ static int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v)
             uint64_t op = !v->simple ? AIOKVM_OP_STRING
                           : (v->kind == AIOKVM_IO_OUT || v->kind == AIOKVM_MMIO_WRITE) ? AIOKVM_OP_WRITE
                                                                                        : AIOKVM_OP_READ;
-            uint64_t offset = (v->addr - v->region_base[v->region]) & ((1ull << 43) - 1);
-            v->packed = (int64_t)(AIOKVM_RC_PYTHON | op << 4 | (uint64_t)v->size << 6 |
-                                  (uint64_t)v->region << 10 | offset << 20);
+            uint64_t offset = (v->addr - v->region_base[v->region]) & ((1ull << AIOKVM_PACK_OFFSET_BITS) - 1);
+            v->packed = (int64_t)(AIOKVM_RC_PYTHON | op << AIOKVM_PACK_OP_SHIFT |
+                                  (uint64_t)v->size << AIOKVM_PACK_SIZE_SHIFT |
+                                  (uint64_t)v->region << AIOKVM_PACK_REGION_SHIFT | offset << AIOKVM_PACK_OFFSET_SHIFT);
         }
         if ((entry & 3) == AIOKVM_LOOP && v->mech != AIOKVM_MECH_PYTHON) {
             int r = aiokvm_post_and_wait(v, &t_entry);
@@ -510,14 +538,36 @@ static void aiokvm_wake_vcpu(struct aiokvm_vcpu *v)
 }
 
 /* Complete a taken access (loop thread): store a single read result (when
- * the access is simple) and release the vCPU. */
-static void aiokvm_complete(struct aiokvm_vcpu *v, uint64_t value)
+ * the access is simple) and release the vCPU.  Returns 0 if the access was
+ * cancelled meanwhile (nothing is written then: the vCPU has moved on). */
+static int aiokvm_complete(struct aiokvm_vcpu *v, uint64_t value)
 {
+    if (__atomic_load_n(&v->slot, __ATOMIC_ACQUIRE) != AIOKVM_SLOT_TAKEN)
+        return 0;
     if (v->simple)
         aiokvm_store_read(v, value);
     v->t_end = aiokvm_now_ns();
-    __atomic_store_n(&v->slot, AIOKVM_SLOT_DONE, __ATOMIC_SEQ_CST);
+    if (!aiokvm_slot_move(&v->slot, AIOKVM_SLOT_TAKEN, AIOKVM_SLOT_DONE))
+        return 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* DONE, then the look at v->waiting */
     aiokvm_wake_vcpu(v);
+    return 1;
+}
+
+/* Let go of the access the loop holds without completing it: the vCPU keeps
+ * waiting until aiokvm_complete_held(v, value) (a device that finishes the
+ * access later, e.g. a reset that waits for I/O in flight).  Returns the
+ * held vCPU's index, or -1. */
+static int32_t aiokvm_hub_detach(struct aiokvm_hub *hub)
+{
+    int32_t current = hub->current;
+    hub->current = -1;
+    return current;
+}
+
+static int aiokvm_complete_held(struct aiokvm_vcpu *v, uint64_t value)
+{
+    return aiokvm_complete(v, value);
 }
 
 /* Complete the access the loop holds (if any) with result, then spin (up to
@@ -539,9 +589,9 @@ static int64_t aiokvm_hub_serve(struct aiokvm_hub *hub, uint64_t result)
         for (uint32_t k = 0; k < hub->nvcpus; k++) {
             uint32_t i = (start + k) % hub->nvcpus;
             struct aiokvm_vcpu *v = hub->vcpus[i];
-            if (v && __atomic_load_n(&v->slot, __ATOMIC_ACQUIRE) == AIOKVM_SLOT_POSTED) {
+            if (v && __atomic_load_n(&v->slot, __ATOMIC_RELAXED) == AIOKVM_SLOT_POSTED &&
+                aiokvm_slot_move(&v->slot, AIOKVM_SLOT_POSTED, AIOKVM_SLOT_TAKEN)) {
                 v->t_start = aiokvm_now_ns();
-                __atomic_store_n(&v->slot, AIOKVM_SLOT_TAKEN, __ATOMIC_RELAXED);
                 hub->next_scan = i + 1;
                 hub->current = (int32_t)i;
                 hub->value = v->value;
@@ -572,9 +622,13 @@ static void aiokvm_hub_finish(struct aiokvm_hub *hub, uint64_t result)
 static void aiokvm_cancel(struct aiokvm_vcpu *v)
 {
     __atomic_store_n(&v->stop, 1, __ATOMIC_SEQ_CST);
-    uint32_t s = __atomic_load_n(&v->slot, __ATOMIC_SEQ_CST);
-    if (s == AIOKVM_SLOT_POSTED || s == AIOKVM_SLOT_TAKEN)
-        __atomic_store_n(&v->slot, AIOKVM_SLOT_CANCELLED, __ATOMIC_SEQ_CST);
+    for (;;) {
+        uint32_t s = __atomic_load_n(&v->slot, __ATOMIC_ACQUIRE);
+        if (s != AIOKVM_SLOT_POSTED && s != AIOKVM_SLOT_TAKEN)
+            break; /* nothing in flight: a later post sees stop (or the loop serves it) */
+        if (aiokvm_slot_move(&v->slot, s, AIOKVM_SLOT_CANCELLED))
+            break;
+    }
     aiokvm_futex(&v->slot, FUTEX_WAKE_PRIVATE, 1);
 }
 

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
+import structlog
+
 from ..backends.base import BackendIOError
-from .mmio import F_EVENT_IDX, F_INDIRECT_DESC, INT_USED_BUFFER
+from .device import F_EVENT_IDX, F_INDIRECT_DESC, InterruptKind
 from .queue import DescriptorChain, VirtqueueError
+
+log = structlog.get_logger("aiokvm.devices.virtio")
 
 DEVICE_ID_BLOCK = 2
 SECTOR = 512
@@ -137,7 +141,7 @@ def parse_segments(request: BlkRequest, memory, capacity_sectors: int) -> list[t
 
 
 @dataclass
-class BlkMetrics:
+class BlkCounters:
     requests: int = 0
     reads: int = 0
     writes: int = 0
@@ -155,6 +159,7 @@ class VirtioBlk:
     """A virtio-blk device over a ``BlockBackend``.  Lives on the asyncio loop."""
 
     device_id = DEVICE_ID_BLOCK
+    kind = "virtio-blk"
     queue_max_sizes = (QUEUE_SIZE,)
 
     def __init__(self, backend, *, serial: str | None = None) -> None:
@@ -175,7 +180,8 @@ class VirtioBlk:
             if getattr(backend, "supports_write_zeroes", False):
                 features |= F_WRITE_ZEROES
         self.features = features
-        self.metrics = BlkMetrics()
+        self.counters = BlkCounters()
+        self.log = log  # the device manager binds vm= and device=
         self._config = self._build_config()
         self._queue = None
         self._memory = None
@@ -208,12 +214,27 @@ class VirtioBlk:
         self._interrupt = interrupt
         self._generation += 1
 
-    def reset(self) -> None:
+    def reset(self) -> asyncio.Future | None:
+        """Forget the driver's queue.  Requests in flight are not cancelled:
+        a worker thread may be reading from or writing into buffers the
+        driver will reuse once the reset completes, so the reset returns a
+        future that resolves when every one has finished (their completions
+        are dropped: a new generation), and the transport holds the
+        resetting vCPU until then.  QEMU drains on reset the same way."""
         self._generation += 1
         self._queue = None
-        for task in list(self._tasks):
-            task.cancel()
-        self._tasks.clear()
+        pending = [task for task in self._tasks if not task.done()]
+        if not pending:
+            return None
+        return asyncio.gather(*pending, return_exceptions=True)
+
+    def metrics(self) -> dict:
+        return {"kind": self.kind, "counters": asdict(self.counters)}
+
+    async def aclose(self) -> None:
+        """Wait for requests in flight, then close the backend."""
+        await self.drain()
+        await self.backend.close()
 
     def notify(self, queue: int) -> None:
         q = self._queue
@@ -233,7 +254,7 @@ class VirtioBlk:
                     if q.has_available():
                         continue
                     break
-                self.metrics.requests += 1
+                self.counters.requests += 1
                 try:
                     request = parse_request(chain, self._memory, self.capacity, self.read_only)
                 except BadRequest as bad:
@@ -259,7 +280,7 @@ class VirtioBlk:
         task = asyncio.get_running_loop().create_task(self._execute(chain, request, self._generation, views))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        self.metrics.in_flight_max = max(self.metrics.in_flight_max, len(self._tasks))
+        self.counters.in_flight_max = max(self.counters.in_flight_max, len(self._tasks))
 
     # -- execution -------------------------------------------------------------------------
     def _read_views(self, request: BlkRequest) -> list[memoryview] | None:
@@ -281,9 +302,9 @@ class VirtioBlk:
                 return False
         except Exception:
             return False  # let the general path report it
-        self.metrics.reads += 1
-        self.metrics.bytes_read += request.data_len
-        self.metrics.reads_inline += 1
+        self.counters.reads += 1
+        self.counters.bytes_read += request.data_len
+        self.counters.reads_inline += 1
         self._complete(chain.head, request.status_addr, S_OK, request.data_len, signal=False)
         return True
 
@@ -299,16 +320,16 @@ class VirtioBlk:
                     views = [memory.view(a, n) for a, n in request.data]
                 await backend.readv(offset, views)
                 written = request.data_len
-                self.metrics.reads += 1
-                self.metrics.bytes_read += written
+                self.counters.reads += 1
+                self.counters.bytes_read += written
             elif request.type == T_OUT:
                 views = [memory.view(a, n) for a, n in request.data]
                 await backend.writev(offset, views)
-                self.metrics.writes += 1
-                self.metrics.bytes_written += request.data_len
+                self.counters.writes += 1
+                self.counters.bytes_written += request.data_len
             elif request.type == T_FLUSH:
                 await backend.flush()
-                self.metrics.flushes += 1
+                self.counters.flushes += 1
             elif request.type == T_GET_ID:
                 ident = self.serial.encode("ascii", "replace")[:ID_BYTES].ljust(ID_BYTES, b"\0")
                 for addr, n in request.data:
@@ -348,9 +369,9 @@ class VirtioBlk:
 
     def _complete(self, head: int, status_addr: int, status: int, written: int, *, signal: bool = True) -> None:
         if status == S_IOERR:
-            self.metrics.ioerr += 1
+            self.counters.ioerr += 1
         elif status == S_UNSUPP:
-            self.metrics.unsupp += 1
+            self.counters.unsupp += 1
         try:
             self._memory.write(status_addr, _STATUS_BYTES[status])
         except Exception as exc:  # validated by pop(); a remap would be a bug
@@ -370,11 +391,13 @@ class VirtioBlk:
     def _signal_if_needed(self) -> None:
         q = self._queue
         if q is not None and q.needs_notification():
-            self._interrupt.signal(INT_USED_BUFFER)
+            self._interrupt.trigger(InterruptKind.USED_BUFFER)
 
     def _note(self, what: str) -> None:
-        if len(self.metrics.errors) < 32:
-            self.metrics.errors.append(what)
+        # Bounded: a guest can send bad requests forever.
+        if len(self.counters.errors) < 32:
+            self.counters.errors.append(what)
+            self.log.warning("virtio-blk request failed", reason=what)
 
     async def drain(self) -> None:
         """Wait for every request in flight (e.g. before closing the backend)."""

@@ -1,37 +1,40 @@
 """virtio-mmio transport, modern only (version 2).
 
 A bus device (``read``/``write`` on the 512-byte register window) that drives
-one ``VirtioDevice``.  It owns feature negotiation, queue setup, the status
-state machine (including reset and NEEDS_RESET), InterruptStatus/ACK and
-ConfigGeneration; the device owns its config space and its queues' work.
+one ``VirtioDevice`` (``device.py``).  It owns feature negotiation, queue
+setup, the status state machine (including reset and NEEDS_RESET),
+InterruptStatus/ACK and ConfigGeneration; the device owns its config space
+and its queues' work, and interrupts through ``MmioInterrupt.trigger``.
 
 Threat model: every register write comes from the guest.  Register accesses
 must be 32-bit (others are ignored and counted); queue sizes, addresses and
-selectors are range-checked; a driver that refuses VERSION_1 never gets
-FEATURES_OK; queue addresses are validated when the queues are built
-(``SplitQueue``), and a hostile ring puts the device in NEEDS_RESET instead of
-raising out of the loop.
+selectors are range-checked; a driver that refuses VERSION_1 or accepts a
+bit that was not offered never gets FEATURES_OK; queue addresses are
+validated when the queues are built (``SplitQueue``), and a hostile ring
+puts the device in NEEDS_RESET instead of raising out of the loop.
 
-QEMU microvm layout (matched by ``Machine.add_virtio``): transport ``i`` at
-``0xfeb00000 + 512*i``, IRQ ``5 + i``, filled from slot 7 down.
+Reset: writing 0 to Status resets the device.  When the device still has
+work in flight that may touch guest memory (``reset()`` returns a future),
+the Status write is *held*: the writing vCPU stays in its exit until the
+work is fenced, as under QEMU, where the vCPU's register write drains the
+block layer.  A DRIVER_OK that arrives from another vCPU meanwhile is held
+too, and the device is activated only once the old generation is gone.
+
+Where transports live in guest-physical space is the board's business
+(``aiokvm/board.py``: QEMU microvm's slots).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+import asyncio
+from dataclasses import asdict, dataclass, field
 
 import structlog
 
+from .device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, InterruptKind, VirtioDevice
 from .queue import SplitQueue, VirtqueueError
 
 log = structlog.get_logger("aiokvm.devices.virtio")
-
-MMIO_BASE = 0xFEB0_0000
-MMIO_SIZE = 0x200
-MMIO_SLOTS = 8
-MMIO_FIRST_IRQ = 5
 
 MAGIC = 0x74726976
 VERSION = 2
@@ -56,31 +59,9 @@ CONFIG = 0x100
 # Status bits.
 ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET, FAILED = 1, 2, 4, 8, 0x40, 0x80
 
-# Feature bits common to all devices.
-F_INDIRECT_DESC = 1 << 28
-F_EVENT_IDX = 1 << 29
-F_VERSION_1 = 1 << 32
-
-INT_USED_BUFFER = 1
-INT_CONFIG_CHANGE = 2
-
-
-class VirtioDevice(Protocol):
-    """What the transport drives (cf. Firecracker's VirtioDevice)."""
-
-    device_id: int
-    features: int            # offered feature bits (VERSION_1 is added by the transport)
-    queue_max_sizes: tuple[int, ...]
-
-    def read_config(self, offset: int, size: int) -> int: ...
-
-    def write_config(self, offset: int, size: int, value: int) -> None: ...
-
-    def activate(self, memory, queues: list[SplitQueue], features: int, interrupt: VirtioInterrupt) -> None: ...
-
-    def notify(self, queue: int) -> None: ...
-
-    def reset(self) -> None: ...
+# InterruptStatus bits (virtio-mmio's names for InterruptKind).
+INT_USED_BUFFER = int(InterruptKind.USED_BUFFER)
+INT_CONFIG_CHANGE = int(InterruptKind.CONFIG_CHANGE)
 
 
 @dataclass
@@ -99,7 +80,7 @@ class QueueConfig:
 
 
 @dataclass
-class TransportMetrics:
+class TransportCounters:
     """Counters of one transport (guest-visible misbehaviour included)."""
 
     reads: int = 0
@@ -107,27 +88,32 @@ class TransportMetrics:
     notifies: int = 0
     interrupts: int = 0
     resets: int = 0
+    held_resets: int = 0         # resets that waited for the device's work in flight
     bad_accesses: int = 0        # non-32-bit register access, unknown offsets
-    features_refused: int = 0    # FEATURES_OK refused (no VERSION_1 or unknown bits)
+    features_refused: int = 0    # FEATURES_OK refused (no VERSION_1 or bits not offered)
     needs_reset: int = 0         # device errors that set NEEDS_RESET
     ignored_writes: list[str] = field(default_factory=list)
 
 
-class VirtioInterrupt:
-    """The transport's interrupt: sets InterruptStatus bits and raises the line.
+class MmioInterrupt:
+    """The transport's ``VirtioInterrupt``: sets InterruptStatus bits and raises the line.
 
     ``raise_irq`` is the machine's line (an irqfd trigger, an edge); it is
-    called on every ``signal()``: the device decides how often to signal
-    (EVENT_IDX, batching), not the transport.
+    called on every ``trigger()``: the device decides how often to interrupt
+    (EVENT_IDX, batching), not the transport.  A config change also bumps
+    ConfigGeneration, so a driver reading the config space sees it moved.
     """
 
-    def __init__(self, raise_irq: Callable[[], None]) -> None:
+    def __init__(self, raise_irq, on_config_change) -> None:
         self._raise = raise_irq
+        self._on_config_change = on_config_change
         self.status = 0
         self.count = 0
 
-    def signal(self, bits: int = INT_USED_BUFFER) -> None:
-        self.status |= bits
+    def trigger(self, kind: InterruptKind = InterruptKind.USED_BUFFER) -> None:
+        if kind == InterruptKind.CONFIG_CHANGE:
+            self._on_config_change()
+        self.status |= int(kind)
         self.count += 1
         self._raise()
 
@@ -138,14 +124,28 @@ class VirtioInterrupt:
 class MmioTransport:
     """virtio-mmio v2 registers for one device (a loop-hosted bus device)."""
 
-    def __init__(self, device: VirtioDevice, memory, raise_irq: Callable[[], None]) -> None:
+    def __init__(self, device: VirtioDevice, memory, raise_irq) -> None:
         self.device = device
         self.memory = memory
-        self.interrupt = VirtioInterrupt(raise_irq)
-        self.metrics = TransportMetrics()
+        self.interrupt = MmioInterrupt(raise_irq, self._bump_generation)
+        self.counters = TransportCounters()
         self.offered = device.features | F_VERSION_1
         self.queues = [QueueConfig(size) for size in device.queue_max_sizes]
+        self.log = log  # the device manager binds vm= and device=
+        self._fence: asyncio.Future | None = None  # the old generation draining after a reset
         self._reset_state()
+
+    @property
+    def kind(self) -> str:
+        return getattr(self.device, "kind", type(self.device).__name__)
+
+    def metrics(self) -> dict:
+        """The device's counters, with this transport's under ``transport``."""
+        inner = self.device.metrics()
+        return {**inner, "kind": self.kind, "transport": asdict(self.counters)}
+
+    async def aclose(self) -> None:
+        await self.device.aclose()
 
     def _reset_state(self) -> None:
         self.status = 0
@@ -159,13 +159,15 @@ class MmioTransport:
         for q in self.queues:
             q.clear()
 
+    _generation = 0  # bumps on every reset: a held activation of an older one is dropped
+
     # -- bus device ------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
-        self.metrics.reads += 1
+        self.counters.reads += 1
         if offset >= CONFIG:
             return self.device.read_config(offset - CONFIG, size)
         if size != 4 or offset % 4:
-            self.metrics.bad_accesses += 1
+            self.counters.bad_accesses += 1
             return 0
         if offset == MAGIC_VALUE:
             return MAGIC
@@ -195,13 +197,14 @@ class MmioTransport:
             return 0xFFFF_FFFF  # no shared memory regions
         return 0  # QueueReset, write-only and reserved registers read as zero
 
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.metrics.writes += 1
+    def write(self, offset: int, size: int, value: int) -> asyncio.Future | None:
+        """A register write.  Returns a future only for a held Status write (see the module docstring)."""
+        self.counters.writes += 1
         if offset >= CONFIG:
             self.device.write_config(offset - CONFIG, size, value)
             return
         if size != 4 or offset % 4:
-            self.metrics.bad_accesses += 1
+            self.counters.bad_accesses += 1
             return
         value &= 0xFFFF_FFFF
         if offset == DEVICE_FEATURES_SEL:
@@ -224,11 +227,11 @@ class MmioTransport:
         elif offset == INTERRUPT_ACK:
             self.interrupt.ack(value)
         elif offset == STATUS:
-            self._write_status(value)
+            return self._write_status(value)
         elif offset == QUEUE_RESET:
             self._ignored("QueueReset (VIRTIO_F_RING_RESET not offered)")
         else:
-            self.metrics.bad_accesses += 1
+            self.counters.bad_accesses += 1
 
     # -- queues ---------------------------------------------------------------------
     def _selected(self) -> QueueConfig | None:
@@ -269,7 +272,7 @@ class MmioTransport:
 
     def notify(self, queue: int) -> None:
         """A QueueNotify write (from an exit or from the ioeventfd)."""
-        self.metrics.notifies += 1
+        self.counters.notifies += 1
         if not self.active or self.status & NEEDS_RESET:
             return
         if queue >= len(self.queues):
@@ -281,13 +284,12 @@ class MmioTransport:
             self.device_error(str(exc))
 
     # -- status ------------------------------------------------------------------------
-    def _write_status(self, value: int) -> None:
+    def _write_status(self, value: int) -> asyncio.Future | None:
         if value == 0:
-            self.reset()
-            return
+            return self.reset()
         value &= 0xFF
         if value & FEATURES_OK and not self.status & FEATURES_OK and not self._features_acceptable():
-            self.metrics.features_refused += 1
+            self.counters.features_refused += 1
             value &= ~FEATURES_OK  # the driver reads it back and gives up
         if value & DRIVER_OK and not self.status & DRIVER_OK:
             if not (value & FEATURES_OK or self.status & FEATURES_OK):
@@ -295,9 +297,20 @@ class MmioTransport:
                 value &= ~DRIVER_OK
             else:
                 self.status = value | (self.status & NEEDS_RESET)
+                fence = self._fence
+                if fence is not None and not fence.done():
+                    # The old generation is still draining: activate after it.
+                    generation = self._generation
+                    fence.add_done_callback(lambda _: self._activate_if_current(generation))
+                    return fence
                 self._activate()
-                return
+                return None
         self.status = value | (self.status & NEEDS_RESET)
+        return None
+
+    def _activate_if_current(self, generation: int) -> None:
+        if generation == self._generation and self.status & DRIVER_OK and not self.active:
+            self._activate()
 
     def _features_acceptable(self) -> bool:
         wanted = self.driver_features
@@ -321,29 +334,43 @@ class MmioTransport:
             self.device_error(str(exc))
             return
         self.active = True
-        self.device.activate(self.memory, queues, self.driver_features, self.interrupt)
+        try:
+            self.device.activate(self.memory, queues, self.driver_features, self.interrupt)
+        except VirtqueueError as exc:
+            self.device_error(str(exc))
 
-    def reset(self) -> None:
-        """Status 0: forget everything the driver set up."""
-        self.metrics.resets += 1
-        if self.active:
-            self.device.reset()
+    def reset(self) -> asyncio.Future | None:
+        """Status 0: forget everything the driver set up.
+
+        Returns the device's fence (a future) while its old work may still
+        touch guest memory; the Status write is held until it resolves.
+        """
+        self.counters.resets += 1
+        self._generation += 1
+        fence = self.device.reset() if self.active else None
         self._reset_state()
+        if fence is None or fence.done():
+            return None
+        self.counters.held_resets += 1
+        self._fence = fence
+        return fence
 
     def device_error(self, why: str) -> None:
         """The driver broke the rules: NEEDS_RESET and a config-change interrupt."""
-        self.metrics.needs_reset += 1
-        log.warning("virtio device needs reset", device=type(self.device).__name__, reason=why)
+        self.counters.needs_reset += 1
+        if self.counters.needs_reset <= 16:  # a guest can repeat it: bounded
+            self.log.warning("virtio device needs reset", kind=self.kind, reason=why)
         self.status |= NEEDS_RESET
         if self.active:
-            self.device.reset()
             self.active = False
-        self.config_changed()
+            fence = self.device.reset()
+            if fence is not None and not fence.done():
+                self._fence = fence
+        self.interrupt.trigger(InterruptKind.CONFIG_CHANGE)
 
-    def config_changed(self) -> None:
+    def _bump_generation(self) -> None:
         self.config_generation = (self.config_generation + 1) & 0xFFFF_FFFF
-        self.interrupt.signal(INT_CONFIG_CHANGE)
 
     def _ignored(self, what: str) -> None:
-        if len(self.metrics.ignored_writes) < 16:
-            self.metrics.ignored_writes.append(what)
+        if len(self.counters.ignored_writes) < 16:
+            self.counters.ignored_writes.append(what)

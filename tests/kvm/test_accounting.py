@@ -22,26 +22,46 @@ class Sink:
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-@pytest.mark.parametrize(("handoff", "mode"), [("spin", "loop"), ("futex", "loop"), ("event", "loop"),
-                                               ("spin", "inline"), ("spin", None)])
-async def test_modes_partition_the_vcpu_thread_wall_time(handoff, mode):
-    n = 40000 if handoff == "spin" else 8000
+@pytest.mark.parametrize(("handoff", "mode"), [("spin", "loop"), ("futex", "loop"), ("wake", "loop"),
+                                               ("event", "loop"), ("spin", "inline"), ("spin", None)])
+async def test_the_mode_split_agrees_with_the_kernels_own_accounting(handoff, mode):
+    """The waits aiokvm measures with its own clock, checked against what the
+    kernel says about the same thread (schedstat): a thread asleep on a futex
+    is off the CPU, and a thread spinning is on it or waiting for it.  (The
+    split itself is a partition of wall time by construction; how much of the
+    wall time it explains is a figure for benchmarks, not a test.)"""
+    n = 20000 if handoff == "spin" else 5000
     async with Machine(handoff=handoff) as vm:
         if mode:
             vm.add_device(Sink(), pio=(0x80, 1), mode=mode, name="sink")
         vm.load("exitloop", cmdline=f"n={n} port=0x80")
         await vm.run(timeout=120)
         v = vm.stats()["vcpus"][0]
-    modes = v["modes"]
-    parts = [modes[k] for k in ("guest_s", "user_s", "kernel_s", "wait_s")]
-    assert all(p >= 0 for p in parts)
-    assert sum(parts) <= modes["wall_s"] * 1.001  # a partition: nothing counted twice
-    assert modes["accounted_fraction"] >= 0.95, modes
-    if mode == "loop":
-        assert modes["wait_s"] > 0  # time blocked on the loop-hosted handler is seen
-        assert v["latency"]["handler"]["count"] > 0
-    else:
-        assert modes["wait_s"] == 0
+    modes, waited, handoff_counts = v["modes"], v["time"], v["handoff"]
+    assert modes["on_cpu_s"] is not None and modes["runqueue_s"] is not None  # schedstat is there
+    assert modes["on_cpu_s"] <= modes["wall_s"]
+    if mode != "loop":
+        # Nothing was loop-hosted: the vCPU never waited for the loop.
+        assert waited["wait_s"] == modes["wait_s"] == 0
+        assert handoff_counts["to_loop"] == handoff_counts["futex_waits"] == 0
+        return
+    assert v["latency"]["handler"]["count"] >= n - 1
+    if handoff == "event":
+        # A Python-level handoff: every exit waited on a threading.Event.
+        assert handoff_counts["to_python"] >= n and waited["sleep_wait_s"] > 0
+        assert waited["sleep_wait_s"] <= modes["wall_s"]
+        return
+    assert handoff_counts["to_loop"] >= n
+    # Asleep on the futex means off the CPU: our sleep time fits in the time
+    # the kernel saw the thread off the CPU, give or take the futex calls'
+    # own few microseconds on the CPU inside each measured sleep.
+    off_cpu = modes["wall_s"] - modes["on_cpu_s"]
+    assert waited["sleep_wait_s"] <= off_cpu + 5e-6 * handoff_counts["futex_waits"] + 1e-3, (waited, modes)
+    # Spinning means on the CPU, or runnable and waiting for it.
+    assert waited["spin_wait_s"] <= modes["on_cpu_s"] + modes["runqueue_s"] + 1e-3, (waited, modes)
+    if handoff in ("futex", "wake"):
+        assert handoff_counts["futex_waits"] >= n // 2  # these sleep per exit, by design
+        assert waited["sleep_wait_s"] > 0
 
 
 @pytest.mark.parametrize("mode", ["inline", "loop"])
@@ -82,7 +102,7 @@ def test_cli_stats_json_follows_the_schema(tmp_path):
     assert "latency (us)" in proc.stderr
     assert "handled in the kernel" in proc.stderr
     data = json.loads(out.read_text())
-    assert data["schema"] == "aiokvm.stats/1"
+    assert data["schema"] == "aiokvm.stats/2"
     vcpu = data["vcpus"][0]
     assert vcpu["user_exits"] >= 3000
     for key in ("exits", "io_exits", "mmio_exits"):

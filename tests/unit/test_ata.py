@@ -106,7 +106,7 @@ async def test_flush_cache():
     d.write(CMD, 1, 0xE7)
     status = await drv.wait()
     assert not status & ERR
-    assert d.metrics.flushes == 1
+    assert d.counters.flushes == 1
 
 
 async def test_lba_past_the_end_is_idnf_and_nothing_moves():
@@ -117,7 +117,7 @@ async def test_lba_past_the_end_is_idnf_and_nothing_moves():
     status = await drv.wait()
     assert status & ERR
     assert d.read(ERROR, 1) & IDNF
-    assert d.metrics.sectors_read == 0
+    assert d.counters.sectors_read == 0
 
 
 async def test_write_to_read_only_disk_aborts_and_leaves_it_unchanged():

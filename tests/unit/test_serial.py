@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 # Whether ruff sees aiokvm as first- or third-party depends on how packaging
 # maps devices/, so this import gets its own block to sort the same either way.
 # isort: split
-from aiokvm.devices.serial import Uart16550, UartMetrics
+from aiokvm.devices.serial import Uart16550, UartCounters
 
 # Register offsets, spelled out so each test reads like a driver would.
 RBR = THR = DLL = 0
@@ -77,12 +77,12 @@ def test_reset_values(h: Harness) -> None:
 
 
 def test_metrics_start_at_zero_and_count_accesses(h: Harness) -> None:
-    assert h.uart.metrics == UartMetrics()
+    assert h.uart.counters == UartCounters()
     h.uart.read(LSR)
     h.uart.read(99)
     h.uart.write(SCR, 1)
-    assert h.uart.metrics.reads == 2
-    assert h.uart.metrics.writes == 1
+    assert h.uart.counters.reads == 2
+    assert h.uart.counters.writes == 1
 
 
 def test_scratch_register_round_trips(h: Harness) -> None:
@@ -169,7 +169,7 @@ def test_thr_write_calls_on_output_one_byte_at_a_time(h: Harness) -> None:
     for b in b"hi\n":
         h.uart.write(THR, b)
     assert h.output == [b"h", b"i", b"\n"]
-    assert h.uart.metrics.tx_bytes == 3
+    assert h.uart.counters.tx_bytes == 3
     assert h.uart.read(LSR) & 0x60 == 0x60, "transmitter is always empty"
 
 
@@ -178,8 +178,8 @@ def test_loopback_sends_to_rx_not_output(h: Harness) -> None:
     u.write(MCR, LOOP)
     u.write(THR, 0x41)
     assert h.output == []
-    assert u.metrics.tx_bytes == 0
-    assert u.metrics.loopback_bytes == 1
+    assert u.counters.tx_bytes == 0
+    assert u.counters.loopback_bytes == 1
     assert u.read(LSR) & 0x01
     assert u.read(RBR) == 0x41
     assert u.read(LSR) & 0x01 == 0
@@ -195,7 +195,7 @@ def test_loopback_overrun_sets_oe_and_keeps_fifo(h: Harness) -> None:
     for i in range(u.FIFO_SIZE + 3):
         u.write(THR, i)
     assert u.rx_space == 0
-    assert u.metrics.loopback_bytes == u.FIFO_SIZE + 3
+    assert u.counters.loopback_bytes == u.FIFO_SIZE + 3
     lsr = u.read(LSR)
     assert lsr & 0x03 == 0x03  # DR | OE
     assert u.read(LSR) & 0x02 == 0, "OE clears when LSR is read"
@@ -205,7 +205,7 @@ def test_loopback_overrun_sets_oe_and_keeps_fifo(h: Harness) -> None:
 def test_loopback_refuses_host_input(h: Harness) -> None:
     h.uart.write(MCR, LOOP)
     assert h.uart.feed(b"abc") == 0
-    assert h.uart.metrics.rx_refused == 3
+    assert h.uart.counters.rx_refused == 3
     assert h.uart.rx_space == 64
 
 
@@ -220,7 +220,7 @@ def test_on_output_error_still_rearms_thre(h: Harness) -> None:
         u.write(THR, 0x41)
     assert u.irq_level is True
     assert u.read(IIR) == 0x02
-    assert u.metrics.tx_bytes == 0
+    assert u.counters.tx_bytes == 0
 
 
 # ----------------------------------------------------------------------
@@ -235,8 +235,8 @@ def test_feed_is_capped_at_fifo_size(h: Harness) -> None:
     assert u.feed(bytes(100)) == 54
     assert u.rx_space == 0
     assert u.feed(b"more") == 0
-    assert u.metrics.rx_bytes == 64
-    assert u.metrics.rx_refused == 46 + 4
+    assert u.counters.rx_bytes == 64
+    assert u.counters.rx_refused == 46 + 4
     u.read(RBR)
     assert u.rx_space == 1
     assert u.feed(bytearray(b"xy")) == 1
@@ -348,7 +348,7 @@ def test_etbei_raises_irq_immediately_when_thr_empty(h: Harness) -> None:
     assert h.irq_calls == [True]
     assert h.uart.irq_level is True
     assert h.uart.read(IIR) == 0x02
-    assert h.uart.metrics.irq_raises == 1
+    assert h.uart.counters.irq_raises == 1
 
 
 def test_thri_is_cleared_by_iir_read(h: Harness) -> None:
@@ -371,7 +371,7 @@ def test_thri_is_rearmed_by_each_thr_write_with_a_fresh_edge(h: Harness) -> None
     assert h.irq_calls == [True, False, True, False]
     u.write(THR, ord("b"))
     assert h.irq_calls == [True, False, True, False, True]
-    assert u.metrics.irq_raises == 3
+    assert u.counters.irq_raises == 3
     assert h.out == b"ab"
 
 
@@ -556,7 +556,7 @@ def test_random_operations_keep_invariants(ops: list[tuple]) -> None:
 
     assert_no_repeated_irq_values(h.irq_calls)
     assert all(len(chunk) == 1 for chunk in h.output)
-    m = u.metrics
+    m = u.counters
     assert m.tx_bytes == len(h.output)
     assert m.irq_raises == h.irq_calls.count(True)
     assert m.reads == sum(op[0] == "read" for op in ops)

@@ -125,7 +125,7 @@ def test_identity_registers_and_config():
 def test_a_driver_refusing_version_1_never_gets_features_ok():
     g = Guest(MemoryBackend(64 * 512), features=0)
     assert not g.negotiate()
-    assert g.t.metrics.features_refused == 1
+    assert g.t.counters.features_refused == 1
 
 
 def test_unknown_feature_bits_are_refused():
@@ -138,7 +138,7 @@ def test_non_32_bit_register_access_is_ignored():
     assert g.t.read(mmio.MAGIC_VALUE, 2) == 0
     g.t.write(mmio.STATUS, 1, 1)
     assert g.r(mmio.STATUS) == 0
-    assert g.t.metrics.bad_accesses == 2
+    assert g.t.counters.bad_accesses == 2
 
 
 class CountingBackend(MemoryBackend):
@@ -181,7 +181,7 @@ async def test_many_requests_in_flight_complete_out_of_order():
         heads[g.submit(T_OUT, i * 4, bytes([i]) * 2048)] = i
     g.kick()
     await asyncio.sleep(0)
-    assert g.device.metrics.in_flight_max > 1
+    assert g.device.counters.in_flight_max > 1
     done = await g.complete(12)
     assert all(v[-1] == bytes([S_OK]) for v in done.values())
     for i in range(12):
@@ -225,7 +225,7 @@ async def test_hostile_descriptor_sets_needs_reset_without_raising():
     await asyncio.sleep(0)
     assert g.r(mmio.STATUS) & mmio.NEEDS_RESET
     assert g.r(mmio.INTERRUPT_STATUS) & mmio.INT_CONFIG_CHANGE
-    assert g.t.metrics.needs_reset == 1
+    assert g.t.counters.needs_reset == 1
     g.kick()  # further notifies are ignored until reset
     g.w(mmio.STATUS, 0)
     assert g.r(mmio.STATUS) == 0
@@ -234,11 +234,11 @@ async def test_hostile_descriptor_sets_needs_reset_without_raising():
 
 async def test_reset_forgets_the_queues():
     g = await ready_guest()
-    resets = g.t.metrics.resets
+    resets = g.t.counters.resets
     g.w(mmio.STATUS, 0)
     g.w(mmio.QUEUE_SEL, 0)
     assert g.r(mmio.QUEUE_READY) == 0
-    assert g.t.metrics.resets == resets + 1
+    assert g.t.counters.resets == resets + 1
 
 
 def test_queue_config_is_frozen_once_ready():
@@ -301,8 +301,8 @@ async def test_every_hostile_chain_means_needs_reset_and_a_counted_error(name, d
     g.kick()
     await asyncio.sleep(0)
     assert g.r(mmio.STATUS) & mmio.NEEDS_RESET, name
-    assert g.t.metrics.needs_reset == 1
-    assert g.device.metrics.requests == 0  # nothing reached the backend
+    assert g.t.counters.needs_reset == 1
+    assert g.device.counters.requests == 0  # nothing reached the backend
 
 
 async def test_nested_indirect_table_means_needs_reset():
