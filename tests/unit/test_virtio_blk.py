@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+import threading
 
 import pytest
 
@@ -323,3 +324,86 @@ async def test_a_chain_longer_than_the_queue_means_needs_reset():
     g.kick()
     await asyncio.sleep(0)
     assert g.r(mmio.STATUS) & mmio.NEEDS_RESET
+
+
+class GatedThreadBackend(MemoryBackend):
+    """Reads run in a worker thread that waits at a gate, then fill the guest's
+    buffers: like RawFileBackend, a cancelled request's thread keeps going."""
+
+    readv_nowait = None  # never served inline: every read is in flight
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gate = threading.Event()
+        self.started = 0
+        self.finished = 0
+
+    async def readv(self, offset, buffers):
+        def work():
+            self.started += 1
+            self.gate.wait(10)
+            for view in buffers:
+                view[:] = b"\xab" * len(view)
+            self.finished += 1
+
+        await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+async def requests_in_flight(count: int) -> tuple[Guest, GatedThreadBackend]:
+    backend = GatedThreadBackend(64 * 512)
+    g = await ready_guest(backend)
+    for i in range(count):
+        g.submit(T_IN, i, read_len=512)
+    g.kick()
+    for _ in range(500):
+        if backend.started == count:
+            break
+        await asyncio.sleep(0.002)
+    assert backend.started == count
+    return g, backend
+
+
+async def test_a_reset_holds_the_vcpu_until_every_request_in_flight_is_done():
+    """Worker threads still write into the driver's buffers after status 0:
+    the reset must not complete (the writing vCPU is held) until they are done."""
+    g, backend = await requests_in_flight(4)
+    held = g.t.write(mmio.STATUS, 4, 0)
+    assert isinstance(held, asyncio.Future) and not held.done()
+    assert g.r(mmio.STATUS) == 0
+    await asyncio.sleep(0.02)
+    assert not held.done() and backend.finished == 0
+    backend.gate.set()
+    await asyncio.wait_for(held, 5)
+    assert backend.finished == 4  # every late write landed before the reset completed
+    await asyncio.sleep(0.01)
+    assert g.q.used() == []  # and their completions were dropped: a new generation
+    assert g.t.counters.resets >= 1 and g.t.counters.held_resets == 1
+
+
+async def test_a_reset_with_nothing_in_flight_completes_at_once():
+    g = await ready_guest()
+    g.submit(T_IN, 0, read_len=512)
+    g.kick()
+    await g.complete(1)
+    assert g.t.write(mmio.STATUS, 4, 0) is None
+    assert g.t.counters.held_resets == 0
+
+
+async def test_driver_ok_during_a_held_reset_activates_after_the_old_requests_are_gone():
+    g, backend = await requests_in_flight(2)
+    held = g.t.write(mmio.STATUS, 4, 0)
+    assert not held.done()
+    # Another vCPU sets the device up again at once (negotiate() starts with
+    # a reset of its own, held on the same requests).
+    g.negotiate()
+    g.setup_queue()
+    assert g.r(mmio.STATUS) & mmio.DRIVER_OK
+    assert not g.t.active  # not while the old generation may still write
+    backend.gate.set()
+    await asyncio.wait_for(held, 5)
+    await asyncio.sleep(0.01)
+    assert g.t.active
+    g.submit(T_IN, 3, read_len=512)  # and the new generation works
+    g.kick()
+    done = await g.complete(1)
+    assert list(done.values())[0][-1] == bytes([S_OK])
