@@ -15,6 +15,8 @@ is a one-line ``ConfigError``.
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,16 +189,36 @@ def _find_pvh_entry(notes: bytes, path: str) -> int | None:
     return None
 
 
+#: larger than any guest the loader accepts (it must fit in guest RAM anyway)
+MAX_IMAGE_BYTES = 1 << 32
+
+
 def read_elf(path: str | Path) -> ElfImage:
+    """Read and parse a guest image.  Only regular files: a FIFO or a device
+    would block or never end, so they are refused before any read."""
     path = str(path)
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such guest image; give a path or a bundled guest name") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, not a guest image") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read guest image: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{path}: is a directory, not a guest image")
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: is not a regular file; give an ELF guest image")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise ConfigError(f"{path}: {st.st_size} bytes is too large for a guest image")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read guest image: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     return parse_elf(data, path)
 
 

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stats", action="store_true",
                      help="print exit counts, latency percentiles and the mode split at the end (on stderr)")
     run.add_argument("--stats-json", metavar="FILE",
-                     help="write the same as JSON (schema aiokvm.stats/1, docs/stats-schema.md)")
+                     help="write the same as JSON (schema aiokvm.stats/2, docs/stats-schema.md)")
     run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
     sub.add_parser("info", help="show KVM, capabilities and bundled guests")
@@ -96,6 +96,10 @@ async def _run(args) -> int:
     vm = Machine(memory=args.memory, vcpus=args.vcpus, handoff=args.handoff or DEFAULT_HANDOFF,
                  serial_output=out)
     specs = [parse_disk_spec(disk) for disk in args.disk]
+    if sum(spec.interface == "ata" for spec in specs) > 1:
+        raise ConfigError("only one ATA disk (the primary master) is supported; make the others if=virtio")
+    if args.stats_json:
+        _check_writable(args.stats_json)
     guest = guests.resolve(args.guest)
     boot.read_elf(guest)  # vm.load reads it again; this is only the check
     pending = []  # opened backends not yet handed to the machine, which closes the ones it has
@@ -162,9 +166,29 @@ def print_stats(stats: dict, file=sys.stderr) -> None:
         if modes.get("wall_s"):
             wall = modes["wall_s"]
             w(f"  {'mode':<22}{'seconds':>10}{'% wall':>8}\n")
-            for key in ("guest_s", "user_s", "kernel_s", "wait_s", "unaccounted_s"):
+            for key in ("guest_s", "user_s", "kernel_s", "wait_s", "runnable_s", "unaccounted_s"):
                 w(f"  {key[:-2]:<22}{modes[key]:>10.4f}{100 * modes[key] / wall:>7.1f}%\n")
             w(f"  {'wall':<22}{wall:>10.4f}\n")
+    devices = stats.get("devices", {})
+    if devices:
+        w("\n-- devices (non-zero counters)\n")
+        for name, entry in devices.items():
+            w(f"  {name} ({entry.get('kind', '?')})\n")
+            for section, counters in (("", entry.get("counters", {})), ("transport ", entry.get("transport", {}))):
+                for key, value in counters.items():
+                    if isinstance(value, list):
+                        for item in value[:4]:
+                            w(f"    {section + key:<30} {item}\n")
+                    elif value:
+                        w(f"    {section + key:<30}{value:>12}\n")
+
+
+def _check_writable(path: str) -> None:
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write stats to {path}: {exc.strerror}; give a writable --stats-json path") from None
 
 
 def _write_json(path: str, stats: dict) -> None:

@@ -136,6 +136,10 @@ class DeviceManager:
         self.virtio.append((slot, transport))
         return transport
 
+    def get(self, name: str):
+        """The attached device named ``name``, or None."""
+        return next((a.device for a in self.attached if a.name == name), None)
+
     def freeze_virtio(self, why: str) -> None:
         """No more virtio devices: the guest's command line (announcing them) is written."""
         self._virtio_frozen = why

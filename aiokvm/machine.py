@@ -289,6 +289,8 @@ class Machine:
         if interface == "ata":
             from .devices.ata import ATA_BASE, ATA_CTRL, ATA_IRQ, AtaDisk
 
+            if self.devices.get("ata0") is not None:
+                raise ConfigError("only one ATA disk (the primary master) is supported; make the others if=virtio")
             device = AtaDisk(backend, irq=lambda level: self.irq_line(ATA_IRQ, level))
             region = self.add_device(device, pio=(ATA_BASE, 8), name="ata0")
             try:

@@ -232,7 +232,8 @@ def mode_fractions(stats: dict) -> dict | None:
         return None
     if not wall:
         return None
-    return {key: modes.get(f"{key}_s", 0.0) / wall for key in ("guest", "user", "kernel", "wait", "unaccounted")}
+    keys = ("guest", "user", "kernel", "wait", "runnable", "unaccounted")
+    return {key: modes.get(f"{key}_s", 0.0) / wall for key in keys}
 
 
 async def run_vm(spec: Spec) -> dict:
@@ -483,6 +484,19 @@ def bars(rows: list[dict]) -> list[dict]:
     return found
 
 
+#: an in-run self-check (both sides of the pair do the same work) outside this band means
+#: the host was too noisy for this run's ratios
+SELF_CHECK_BAND = (0.9, 1.1)
+
+
+def self_checks(rows: list[dict]) -> list[dict]:
+    """aiokvm's C path against itself inside one guest run: should read ~1."""
+    lo, hi = SELF_CHECK_BAND
+    return [{"label": r["label"], "loop": r["loop"], "cpl": r["cpl"], "ratio_in_run": r["ratio_in_run"],
+             "within_band": None if r["ratio_in_run"] is None else lo <= r["ratio_in_run"] <= hi}
+            for r in rows if r["path"] == "unclaimed"]
+
+
 def print_table(rows: list[dict], info: dict) -> None:
     print(f"# {info['cpu_model']}, {info['cores']} CPUs, Linux {info['kernel']}"
           f"{' (nested)' if info['nested'] else ''}, TSC {info['tsc_hz'] / 1e9:.3f} GHz, "
@@ -588,10 +602,16 @@ def main() -> None:
             verdict = "-" if bar["met"] is None else ("met" if bar["met"] else "not met")
             print(f"  {bar['bar']} <= {bar['target']:.2f}x C: {fmt(bar['ratio_to_c'])} ({verdict}; "
                   f"paired {fmt(bar['ratio_to_c_paired'])}, in-run {fmt(bar['ratio_in_run'])})")
+    checks = self_checks(rows)
+    for check in checks:
+        verdict = {None: "-", True: "within", False: "OUTSIDE"}[check["within_band"]]
+        print(f"self-check, CPL {check['cpl']}: C path against itself in-run {fmt(check['ratio_in_run'])} "
+              f"({verdict} {SELF_CHECK_BAND[0]}-{SELF_CHECK_BAND[1]}"
+              f"{'' if check['within_band'] is not False else '; the host was too noisy, rerun alone'})")
     if args.json_path:
         with open(args.json_path, "w") as fh:
             json.dump({"benchmark": "exits", "guest": "exitloop", "n": n, "repeat": repeat,
-                       "machine": info, "bars": found, "rows": rows}, fh, indent=2)
+                       "machine": info, "bars": found, "self_checks": checks, "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The benchmarks still run and still write what their readers expect.
 
 They measure, they do not assert; these smoke runs use tiny sizes and check
-the JSON's shape and the self-checks that hold on any host (aiokvm's C path
-against itself in one guest run is ~1).
+the JSON's shape and counts.  How the ratios come out is the benchmark's own
+report (its self-checks say when the host was too noisy), not a test.
 """
 
 from __future__ import annotations
@@ -35,11 +35,14 @@ def test_exits_benchmark_writes_rows_with_paired_and_in_run_ratios(tmp_path):
         assert row["cpl"] == 0 and row["us_per_exit"] > 0 and row["ratio_to_c"] > 0
         assert row["statistic"] == "median-batch"
     assert rows["c"]["ratio_to_c"] == 1.0
-    # Both of its ports are unclaimed: the in-run pair ratio is a self-check.
-    assert 0.8 <= rows["unclaimed"]["ratio_in_run"] <= 1.25
-    # Python costs something, and not an order of magnitude.
-    assert 0.9 <= rows["inline"]["ratio_in_run"] <= 3.0
+    assert rows["unclaimed"]["ratio_in_run"] > 0 and rows["inline"]["ratio_in_run"] > 0
     assert rows["inline"]["delivered_writes"] == 1000
+    [check] = data["self_checks"]  # the unclaimed row, reported with its band
+    assert check["ratio_in_run"] == rows["unclaimed"]["ratio_in_run"]
+    assert check["within_band"] == (0.9 <= check["ratio_in_run"] <= 1.1)
+    for row in rows.values():
+        if row["path"] != "c":
+            assert set(row["mode_split"]) >= {"guest", "user", "kernel", "wait", "runnable", "unaccounted"}
     bars = {b["bar"]: b for b in data["bars"]}
     assert bars["inline"]["target"] == 1.10
     assert bars["inline"]["met"] == (bars["inline"]["ratio_to_c"] <= 1.10)

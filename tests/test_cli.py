@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -107,6 +108,29 @@ def test_run_with_a_virtio_disk(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "disktest: ok" in proc.stdout
     assert "virtio7/ioeventfd" in proc.stderr  # QueueNotify never exited to user mode
+
+
+@pytest.mark.kvm
+def test_stats_show_every_devices_own_counters(tmp_path):
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(64 << 10))
+    out = tmp_path / "stats.json"
+    proc = aiokvm("run", "disktest", "--disk", f"{img},if=virtio", "--disk", f"{img},ro,if=ata",
+                  "--cmdline", "dev=virtio cpl=3 sectors=16", "--stats", "--stats-json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    devices = json.loads(out.read_text())["devices"]
+    assert {name: d["kind"] for name, d in devices.items()} == {
+        "serial0": "serial", "debug-exit": "debug-exit", "virtio7": "virtio-blk", "ata0": "ata"}
+    blk, serial = devices["virtio7"], devices["serial0"]["counters"]
+    # disktest writes 16 sectors, flushes, reads them back, then reads the whole 128-sector disk
+    assert blk["counters"]["bytes_written"] == 16 * 512
+    assert blk["counters"]["flushes"] >= 1
+    assert blk["counters"]["bytes_read"] >= (16 + 128) * 512
+    assert blk["transport"]["notifies"] >= 1 and blk["transport"]["resets"] >= 1
+    assert serial["tx_bytes"] == len(proc.stdout.encode())  # every byte the guest printed
+    assert devices["debug-exit"]["counters"]["writes"] == 1
+    assert devices["ata0"]["counters"]["commands"] == 0  # attached, never used
+    assert "virtio7 (virtio-blk)" in proc.stderr and "bytes_written" in proc.stderr
 
 
 @pytest.mark.kvm

@@ -66,6 +66,7 @@ def files(tmp_path):
     (("{tmp}/dir.elf",), "is a directory, not a guest image"),
     (("/etc/passwd",), "not an ELF"),
     (("{tmp}/cut.elf",), "truncated"),
+    (("{tmp}/fifo.img",), "is not a regular file"),  # reading it would block forever
     # --disk syntax
     (("hello", "--disk", "{tmp}/ok.img,format=qcow2"), "format='qcow2' is unknown"),
     (("hello", "--disk", "{tmp}/ok.img,bogus=1"), "unknown option 'bogus=1'"),
@@ -82,7 +83,9 @@ def files(tmp_path):
     (("hello", "--disk", "nbd+unix:///d?socket={tmp}/none.sock"), "cannot connect to NBD server"),
     # a good disk does not hide a bad one after it
     (("hello", "--disk", "{tmp}/ok.img", "--disk", "{tmp}/odd.img"), "not a multiple of 512"),
+    (("hello", "--disk", "{tmp}/ok.img,if=ata", "--disk", "{tmp}/ok.img,ro,if=ata"), "only one ATA disk"),
     # sizes and options
+    (("hello", "--stats-json", "/nonexistent/dir/stats.json"), "cannot write stats to /nonexistent/dir"),
     (("hello", "--memory", "lots"), "invalid memory size 'lots'"),
     (("hello", "--memory", "1K"), "too small"),
     (("hello", "--memory", "100T"), "exceeds host RAM"),
