@@ -399,7 +399,7 @@ class Machine:
     def _finish(self, outcome: ExitStatus | BaseException) -> None:
         """Record how the run ended (first one wins) and stop the vCPUs.  Any thread."""
         with self._stop_lock:
-            if getattr(self, "_stopping", True):
+            if self._stopping:
                 return
             self._stopping = True
         self._cancel_handoffs()

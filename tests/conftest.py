@@ -10,11 +10,25 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 
 import pytest
+import structlog
 import uvloop
+
+
+def _drop_below_warning(logger, method: str, event: dict) -> dict:
+    if getattr(logging, method.upper(), logging.WARNING) < logging.WARNING:
+        raise structlog.DropEvent
+    return event
+
+
+# The library never configures structlog (the CLI does); the tests keep the
+# lifecycle events out of the output.  A processor, not a filtering wrapper,
+# so that structlog.testing.capture_logs() still sees every level.
+structlog.configure(processors=[_drop_below_warning, *structlog.get_config()["processors"]])
 
 
 def pytest_asyncio_loop_factories(config, item):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from aiokvm.errors import ConfigError
 
@@ -267,13 +268,16 @@ async def test_server_death_fails_requests(qemu_nbd, tmp_path):
     backend = await NbdBackend.connect(server.url)
     try:
         await backend.writev(0, [memoryview(bytearray(b"x" * 512))])
-        server.kill()
-        with pytest.raises(BackendIOError):
-            for _ in range(100):  # the first request may still be written before the loss is seen
-                await backend.readv(0, [memoryview(bytearray(512))])
-                await asyncio.sleep(0.01)
-        with pytest.raises(BackendIOError):
-            await backend.flush()
+        with capture_logs() as logs:
+            server.kill()
+            with pytest.raises(BackendIOError):
+                for _ in range(100):  # the first request may still be written before the loss is seen
+                    await backend.readv(0, [memoryview(bytearray(512))])
+                    await asyncio.sleep(0.01)
+            with pytest.raises(BackendIOError):
+                await backend.flush()
+        # the operator is told once, with the server named
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["NBD backend failed"]
     finally:
         await backend.close()
 

@@ -46,6 +46,8 @@ import struct
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import structlog
+
 from aiokvm.errors import ConfigError
 
 from .base import (
@@ -58,6 +60,8 @@ from .base import (
     split_views,
     total_length,
 )
+
+log = structlog.get_logger("aiokvm.devices.nbd")
 
 DEFAULT_PORT = 10809
 
@@ -567,6 +571,9 @@ class NbdBackend:
         """The connection is unusable: fail everything pending and refuse new requests."""
         if self._failure is None:
             self._failure = reason
+            if not self._disconnect_sent:  # not our own close: the operator wants to know
+                log.warning("NBD backend failed", server=self.address.where, reason=reason,
+                            pending=len(self._pending))
         pending, self._pending = self._pending, {}
         self._idle.set()
         for request in pending.values():
