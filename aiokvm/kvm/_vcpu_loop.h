@@ -388,7 +388,7 @@ static int64_t aiokvm_vcpu_run(struct aiokvm_vcpu *v)
     if (v->t_return)
         v->python_ns += t_entry - v->t_return;
     if (v->pending_in) {
-        /* A read left unanswered (cannot happen from cpu/kvm.py): all ones,
+        /* A read left unanswered (cannot happen from cpu/vcpu_thread.py): all ones,
          * like an unclaimed port, rather than stale bytes. */
         aiokvm_store_read(v, ~0ull);
         v->pending_in = 0;
