@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, field
 
 import uvloop
-from hostinfo import calibrate_tsc, fmt, machine_info, median_of, qemu_microvm_cmd
+from hostinfo import calibrate_tsc, fmt, machine_info, median_of, note_problems, qemu_microvm_cmd
 
 import aiokvm
 from aiokvm import guests
@@ -419,10 +419,7 @@ def summarize(specs: list[Spec], baselines: dict[tuple, list[dict]]) -> list[dic
             row["paths"] = spec.samples[-1].get("paths")  # last run, whole run (boot included)
         if spec.device == "virtio" and spec.samples:
             row["notifies"] = median_of(spec.samples, "notifies")
-        if spec.unavailable:
-            row["unavailable"] = spec.unavailable
-        if spec.errors:
-            row["errors"] = sorted(set(spec.errors))
+        note_problems(row, spec)
         rows.append(row)
     return rows
 

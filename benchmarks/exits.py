@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvloop
-from hostinfo import calibrate_tsc, fmt, machine_info, median_of, qemu_microvm_cmd
+from hostinfo import calibrate_tsc, fmt, machine_info, median_of, note_problems, qemu_microvm_cmd
 
 import aiokvm
 from aiokvm import guests
@@ -453,10 +453,7 @@ def summarize(specs: list[Spec]) -> list[dict]:
             row["loop_idle_sleeps"] = median_of(spec.samples, "idle_sleeps")
         if spec.kind == "qemu" and spec.samples:
             row["us_per_exit_process"] = round(median_of(spec.samples, "us_process"), 3)
-        if spec.unavailable:
-            row["unavailable"] = spec.unavailable
-        if spec.errors:
-            row["errors"] = sorted(set(spec.errors))
+        note_problems(row, spec)
         rows.append(row)
     return rows
 

@@ -82,3 +82,11 @@ def median_of(samples: list[dict], key: str) -> float | None:
 
 def fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def note_problems(row: dict, spec) -> None:
+    """Put a spec's ``unavailable`` reason and distinct errors into its result row."""
+    if spec.unavailable:
+        row["unavailable"] = spec.unavailable
+    if spec.errors:
+        row["errors"] = sorted(set(spec.errors))

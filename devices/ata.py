@@ -25,12 +25,12 @@ import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from .backends.base import BackendIOError
+from .backends.base import SECTOR_SIZE, BackendIOError
 
 ATA_BASE = 0x1F0
 ATA_CTRL = 0x3F6
 ATA_IRQ = 14
-SECTOR = 512
+SECTOR = SECTOR_SIZE
 
 # Status bits.
 BSY, DRDY, DF, DSC, DRQ, ERR = 0x80, 0x40, 0x20, 0x10, 0x08, 0x01

@@ -24,14 +24,14 @@ from typing import NamedTuple
 
 import structlog
 
-from ..backends.base import BackendIOError
+from ..backends.base import SECTOR_SIZE, BackendIOError
 from .device import F_EVENT_IDX, F_INDIRECT_DESC, InterruptKind
 from .queue import DescriptorChain, VirtqueueError
 
 log = structlog.get_logger("aiokvm.devices.virtio")
 
 DEVICE_ID_BLOCK = 2
-SECTOR = 512
+SECTOR = SECTOR_SIZE
 
 # Request types and status values.
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
