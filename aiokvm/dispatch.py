@@ -24,6 +24,7 @@ element by element within the one exit (``perform_io``).
 
 from __future__ import annotations
 
+import asyncio
 from time import perf_counter_ns
 
 import structlog
@@ -185,7 +186,11 @@ def _direct_handler(region: Region):
         try:
             if op == OP_WRITE:  # one element
                 held = write(offset, size, ctx.value)
-                return 0 if held is None else held
+                if held is None:
+                    return 0
+                if not isinstance(held, asyncio.Future):
+                    raise TypeError(f"write returned {held!r}; return None, or an asyncio.Future to hold the vCPU")
+                return held
             if op == OP_READ:  # one element
                 return read(offset, size) & MASKS[size]
         except DeviceError:

@@ -264,7 +264,7 @@ class SlotServer:
     def _hold(self, held) -> None:
         """Keep the current access's vCPU waiting until ``held`` resolves (see the class docstring)."""
         if not isinstance(held, asyncio.Future):
-            raise TypeError(f"a device write returned {held!r}; return None, or an asyncio.Future to hold the vCPU")
+            raise TypeError(f"write returned {held!r}; return None, or an asyncio.Future to hold the vCPU")
         if held.done():
             return  # nothing to wait for: complete as usual
         ctx = self._ctxs[lib.aiokvm_hub_detach(self.hub)]

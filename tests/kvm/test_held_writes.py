@@ -127,3 +127,21 @@ async def test_the_bus_refuses_changes_while_vcpus_run_and_takes_them_while_paus
     # Every write went either to nobody (before) or to the sink (after): none lost, none twice.
     assert stats["unclaimed"]["pio"]["writes"] + Sink.writes == n
     assert stats["paths"]["sink/loop"] == Sink.writes
+
+
+@pytest.mark.parametrize("handoff", ["spin", "event"])
+async def test_a_write_returning_something_else_is_a_device_error(handoff):
+    from aiokvm import DeviceError
+
+    class Confused:
+        def read(self, offset, size):
+            return 0
+
+        def write(self, offset, size, value):
+            return 42  # neither None nor a Future
+
+    async with Machine(handoff=handoff) as vm:
+        vm.add_device(Confused(), pio=(0x80, 1), name="confused")
+        vm.load("exitloop", cmdline="n=10 port=0x80")
+        with pytest.raises(DeviceError, match="confused.*write returned 42; return None, or an asyncio.Future"):
+            await vm.run(timeout=30)
