@@ -142,6 +142,7 @@ class MmioTransport:
     def metrics(self) -> dict:
         """The device's counters, with this transport's under ``transport``."""
         inner = self.device.metrics()
+        self.counters.interrupts = self.interrupt.count
         return {**inner, "kind": self.kind, "transport": asdict(self.counters)}
 
     async def aclose(self) -> None:
