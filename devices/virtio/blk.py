@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import struct
 from dataclasses import asdict, dataclass, field
+from operator import itemgetter
 from typing import NamedTuple
 
 import structlog
 
 from ..backends.base import SECTOR_SIZE, BackendIOError
+from .chain import ChainReader, ChainWriter
 from .device import F_EVENT_IDX, F_INDIRECT_DESC, InterruptKind
 from .queue import DescriptorChain, VirtqueueError
 
@@ -74,28 +76,43 @@ class BadRequest(Exception):
 
 
 def parse_request(chain: DescriptorChain, memory, capacity_sectors: int, read_only: bool) -> BlkRequest:
-    """Turn a descriptor chain into a request, or raise ``BadRequest``.  (Once per request.)"""
-    readable, writable = chain.readable, chain.writable
-    if not writable or writable[-1][1] < 1:
-        raise BadRequest(S_IOERR, "no status byte", None)
-    last_addr, last_len = writable[-1]
-    status_addr = last_addr + last_len - 1
-    if not readable or readable[0][1] < HEADER_SIZE:
-        raise BadRequest(S_IOERR, "header shorter than 16 bytes", status_addr)
-    head_addr, head_len = readable[0]
-    rtype, _reserved, sector = HEADER.unpack_from(memory.view(head_addr, HEADER_SIZE))
-    # The data: the header's tail (if any) and the rest of the readable
-    # buffers; the writable ones less the status byte; zero lengths dropped.
-    if head_len == HEADER_SIZE and len(readable) == 1:
-        readable = ()
-    else:
-        rest = ((head_addr + HEADER_SIZE, head_len - HEADER_SIZE),) + readable[1:]
-        readable = tuple(buf for buf in rest if buf[1])
-    if last_len == 1:
-        writable = tuple(buf for buf in writable[:-1] if buf[1])
-    else:
-        writable = tuple(buf for buf in writable[:-1] if buf[1]) + ((last_addr, last_len - 1),)
+    """Turn a descriptor chain into a request, or raise ``BadRequest``.  (Once per request.)
 
+    Any framing is accepted (VIRTIO_F_ANY_LAYOUT is implied by version 1):
+    the header is the first 16 readable bytes, the status the last writable
+    byte, wherever the descriptor boundaries fall, and zero-length buffers
+    count for nothing.
+    """
+    readable, writable = chain.readable, chain.writable
+    # Fast path for the framing Linux always uses, header and status byte in
+    # descriptors of their own: nothing to split, so no cursor (it would cost
+    # about as much again as the whole parse).  Anything else takes the cursor.
+    if readable and writable and readable[0][1] == HEADER_SIZE and writable[-1][1] == 1:
+        readable_data, writable_data = readable[1:], writable[:-1]
+        if 0 not in map(_length, readable_data) and 0 not in map(_length, writable_data):
+            rtype, _reserved, sector = HEADER.unpack_from(memory.view(readable[0][0], HEADER_SIZE))
+            return _check_request(rtype, sector, readable_data, writable_data, writable[-1][0],
+                                  capacity_sectors, read_only)
+    writer = ChainWriter(memory, writable)
+    if not writer.remaining:
+        raise BadRequest(S_IOERR, "no status byte", None)
+    status_addr = writer.split_at(writer.remaining - 1).segments(1)[0][0]
+    reader = ChainReader(memory, readable)
+    if reader.remaining < HEADER_SIZE:
+        raise BadRequest(S_IOERR, "header shorter than 16 bytes", status_addr)
+    rtype, _reserved, sector = reader.read_struct(HEADER)
+    return _check_request(rtype, sector, tuple(reader.segments(reader.remaining)),
+                          tuple(writer.segments(writer.remaining)), status_addr, capacity_sectors, read_only)
+
+
+_length = itemgetter(1)
+
+
+def _check_request(rtype: int, sector: int, readable: tuple[tuple[int, int], ...],
+                   writable: tuple[tuple[int, int], ...], status_addr: int,
+                   capacity_sectors: int, read_only: bool) -> BlkRequest:
+    """The request from its header and data pieces (none empty): the data
+    after the header, the data before the status byte."""
     if rtype in (T_IN, T_GET_ID):
         if readable:
             raise BadRequest(S_IOERR, "device-readable data in a read request", status_addr)
@@ -105,7 +122,7 @@ def parse_request(chain: DescriptorChain, memory, capacity_sectors: int, read_on
             raise BadRequest(S_IOERR, "device-writable data in a write request", status_addr)
         data = readable
     elif rtype == T_FLUSH:
-        data = ()
+        return BlkRequest(rtype, sector, (), status_addr, 0)  # any data is ignored
     else:
         raise BadRequest(S_UNSUPP, f"unsupported request type {rtype}", status_addr)
     length = 0

@@ -58,6 +58,8 @@ from typing import NamedTuple
 
 from aiokvm.errors import AiokvmError
 
+from .chain import ChainReader, ChainWriter
+
 __all__ = [
     "DESC_F_INDIRECT",
     "DESC_F_NEXT",
@@ -113,6 +115,8 @@ class DescriptorChain(NamedTuple):
     device-readable and device-writable buffers in chain order (indirect
     tables flattened), zero-length buffers included.  (A named tuple: one
     is built per request, and a frozen dataclass costs several times more.)
+    ``chain.ChainReader`` / ``chain.ChainWriter`` read and write them as one
+    byte stream each.
     """
 
     head: int
@@ -129,24 +133,19 @@ class DescriptorChain(NamedTuple):
 
     def gather(self, memory) -> bytes:
         """All readable bytes, concatenated."""
-        return b"".join(memory.read(addr, length) for addr, length in self.readable)
+        reader = ChainReader(memory, self.readable)
+        return reader.read(reader.remaining)
 
     def scatter(self, memory, data: bytes | bytearray | memoryview) -> int:
         """Write ``data`` across the writable buffers in order; returns the byte count.
 
-        Raises ``ValueError`` if ``data`` is longer than ``writable_len``.
+        Raises ``ChainBoundsError`` (a ``ValueError``), writing nothing, if
+        ``data`` is longer than ``writable_len``.  For anything more than one
+        blob each way, use ``ChainReader`` / ``ChainWriter`` directly.
         """
-        data = memoryview(data).cast("B")
-        if len(data) > self.writable_len:
-            raise ValueError(f"{len(data)} bytes do not fit in {self.writable_len} writable bytes")
-        offset = 0
-        for addr, length in self.writable:
-            if offset >= len(data):
-                break
-            take = data[offset:offset + length]
-            memory.write(addr, take)
-            offset += len(take)
-        return offset
+        writer = ChainWriter(memory, self.writable)
+        writer.write(data)
+        return writer.written
 
 
 class SplitQueue:
