@@ -278,8 +278,15 @@ def make_ffi() -> cffi.FFI:
 ffibuilder = make_ffi()
 
 if __name__ == "__main__":
-    # In-place build for a source checkout: writes aiokvm/kvm/_kvm*.so.
-    import os
+    # In-place build for a source checkout: writes aiokvm/kvm/_kvm*.so.  It
+    # builds in a scratch directory (there setuptools finds no pyproject.toml
+    # to apply) and copies the result into the tree.  Always a fresh build:
+    # the C lives in headers that setuptools does not track.
+    import shutil
+    import tempfile
 
-    os.chdir(HERE.parent.parent)
-    ffibuilder.compile(tmpdir=".", verbose=False)
+    for stale in HERE.glob("_kvm*.so"):
+        stale.unlink()
+    with tempfile.TemporaryDirectory(prefix="aiokvm-build-") as scratch:
+        built = Path(ffibuilder.compile(tmpdir=scratch, verbose=False))
+        shutil.copy2(built, HERE / built.name)

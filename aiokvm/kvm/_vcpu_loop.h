@@ -13,12 +13,14 @@
  * errors.  Every field Python reads is plain data in struct aiokvm_vcpu.
  *
  * The slot is the only synchronisation between the vCPU thread and the
- * loop.  Its states and who moves them, every move a compare-and-swap:
+ * loop.  Its states and who moves them; every move that can race with
+ * another thread's is a compare-and-swap:
  *
  *   EMPTY  -> POSTED     vCPU, after writing the access fields (release)
  *   POSTED -> TAKEN      loop, claiming the access (acquire)
  *   TAKEN  -> DONE       loop, after writing the result into kvm_run (release)
- *   DONE   -> EMPTY      vCPU, after reading the result
+ *   DONE   -> EMPTY      vCPU, after reading the result (a plain store: only
+ *                        the vCPU ever moves a DONE slot)
  *   POSTED | TAKEN -> CANCELLED   any thread, the machine stopping
  *
  * CANCELLED is final: a claim or a completion that finds it does nothing,
@@ -218,10 +220,13 @@ static inline void aiokvm_spin_relax(const struct aiokvm_hub *hub)
         __builtin_ia32_pause();
 }
 
-/* Move the slot from `from` to `to`; false if it was in another state. */
+/* Move the slot from `from` to `to`; false if it was in another state.
+ * Sequentially consistent, so that a move followed by a load of the other
+ * side's flag (post, then hub->polling; DONE, then v->waiting) cannot be
+ * reordered: a locked cmpxchg on x86, no extra fence. */
 static inline int aiokvm_slot_move(uint32_t *slot, uint32_t from, uint32_t to)
 {
-    return __atomic_compare_exchange_n(slot, &from, to, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    return __atomic_compare_exchange_n(slot, &from, to, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE);
 }
 
 static inline long aiokvm_futex(uint32_t *addr, int op, uint32_t val)
@@ -296,7 +301,6 @@ static int aiokvm_post_and_wait(struct aiokvm_vcpu *v, uint64_t *t_done_out)
         return AIOKVM_RC_CANCELLED;
     }
     v->to_loop++;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the post, then the look at hub->polling */
     if (v->mech == AIOKVM_MECH_FUTEX || !__atomic_load_n(&hub->polling, __ATOMIC_SEQ_CST)) {
         uint64_t one = 1;
         if (write(hub->wake_fd, &one, sizeof(one)) == sizeof(one))
@@ -335,8 +339,11 @@ done:;
     v->spin_wait_ns += t_sleep - t0;
     v->sleep_wait_ns += t_done - t_sleep;
     v->wait_ns += t_done - t0;
-    if (s == AIOKVM_SLOT_CANCELLED || !aiokvm_slot_move(&v->slot, AIOKVM_SLOT_DONE, AIOKVM_SLOT_EMPTY))
+    if (s == AIOKVM_SLOT_CANCELLED)
         return AIOKVM_RC_CANCELLED;
+    /* No other thread moves a DONE slot (a cancel only takes POSTED or
+     * TAKEN), so this one needs no compare-and-swap. */
+    __atomic_store_n(&v->slot, AIOKVM_SLOT_EMPTY, __ATOMIC_RELAXED);
     return 0;
 }
 
@@ -549,7 +556,6 @@ static int aiokvm_complete(struct aiokvm_vcpu *v, uint64_t value)
     v->t_end = aiokvm_now_ns();
     if (!aiokvm_slot_move(&v->slot, AIOKVM_SLOT_TAKEN, AIOKVM_SLOT_DONE))
         return 0;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* DONE, then the look at v->waiting */
     aiokvm_wake_vcpu(v);
     return 1;
 }
