@@ -100,8 +100,6 @@ class Bus:
         mode: HandlerMode = HandlerMode.LOOP, name: str | None = None,
     ) -> Region:
         space = Space(space)
-        if self._guard is not None:
-            self._guard(f"register {name or type(device).__name__}")
         mode = HandlerMode(mode)
         name = name or type(device).__name__
         if length <= 0:
@@ -111,6 +109,8 @@ class Bus:
         if not (callable(getattr(device, "read", None)) and callable(getattr(device, "write", None))):
             raise ConfigError(f"{name}: a device needs read(offset, size) and write(offset, size, value)")
         with self._lock:
+            if self._guard is not None:
+                self._guard(f"register {name}")
             region_id = self._free_id()
             region = Region(space, base, length, device, mode, name, region_id)
             regions, starts = self._regions[space], self._starts[space]
@@ -174,9 +174,9 @@ class Bus:
         return self.register(Space.MMIO, base, length, device, **kw)
 
     def unregister(self, region: Region) -> None:
-        if self._guard is not None:
-            self._guard(f"unregister {region.name}")
         with self._lock:
+            if self._guard is not None:
+                self._guard(f"unregister {region.name}")
             regions, starts = self._regions[region.space], self._starts[region.space]
             i = regions.index(region)
             del regions[i]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import structlog
 
 from .bus import Bus, HandlerMode, Region, Space
+from .dispatch import unheld
 from .errors import ConfigError
 from .kernel_paths import CoalescedRing, IoEvent, IoEventFd, IrqFd
 
@@ -123,6 +124,7 @@ class DeviceManager:
         if self._virtio_frozen:
             raise ConfigError(f"add virtio devices before {self._virtio_frozen}: the command line announces them")
         slot = self._board.virtio_slots.allocate()
+        line = None
         try:
             line = self.irqfd(slot.irq)
             transport = MmioTransport(device, self._board.memory, line.trigger)
@@ -130,11 +132,24 @@ class DeviceManager:
             notify = [IoEvent(QUEUE_NOTIFY, 4, datamatch=q) for q in queues] if ioeventfd else []
             self.attach(transport, mmio=(slot.base, slot.size), name=name or f"virtio{slot.index}", ioeventfds=notify)
         except BaseException:
+            if line is not None:
+                line.close()
+                self.irqfds.remove(line)
             self._board.virtio_slots.release(slot)
             raise
         self._bind_log(device, name or f"virtio{slot.index}")
         self.virtio.append((slot, transport))
         return transport
+
+    def detach(self, region: Region) -> None:
+        """Undo ``attach`` of one region (its ioeventfds, and its device's record
+        when no other region of that device remains)."""
+        for entry in [e for e in self.ioeventfds if e[0] is region]:
+            entry[1].close()
+            self.ioeventfds.remove(entry)
+        self.bus.unregister(region)
+        still_used = {id(r.device) for r in self.bus.regions()}
+        self.attached = [a for a in self.attached if a.name != region.name or id(a.device) in still_used]
 
     def get(self, name: str):
         """The attached device named ``name``, or None."""
@@ -164,7 +179,7 @@ class DeviceManager:
                 if notify is not None:
                     notify(spec.offset, spec.datamatch, count)
                 else:
-                    device.write(spec.offset, spec.size, spec.datamatch or 0)
+                    unheld(device.write(spec.offset, spec.size, spec.datamatch or 0), "ioeventfd")
             except Exception as exc:
                 self._on_error(exc)
 
@@ -176,7 +191,7 @@ class DeviceManager:
             return  # the zone was unregistered meanwhile
         self.coalesced_counts[region.name] = self.coalesced_counts.get(region.name, 0) + 1
         try:
-            region.device.write(addr - region.base, size, int.from_bytes(data, "little"))
+            unheld(region.device.write(addr - region.base, size, int.from_bytes(data, "little")), "coalesced")
         except Exception as exc:
             self._on_error(exc)
 
@@ -250,9 +265,8 @@ class DeviceManager:
             raise errors[0]
 
     def close_kernel_paths(self) -> None:
+        """Close every ioeventfd and irqfd (idempotent); their counts stay for ``stats()``."""
         for _, efd in self.ioeventfds:
             efd.close()
-        self.ioeventfds = []
         for irq in self.irqfds:
             irq.close()
-        self.irqfds = []

@@ -221,6 +221,13 @@ def _device_failure(region: Region, what: str, exc: Exception) -> DeviceError:
     return DeviceError(f"device {region.name} failed on {what}: {type(exc).__name__}: {exc}")
 
 
+def unheld(result, where: str) -> None:
+    """A write on a path that cannot hold its vCPU (string I/O, ioeventfd,
+    coalesced) must return None; anything else is the device's mistake."""
+    if result is not None:
+        raise TypeError(f"write returned {result!r} on the {where} path, which cannot hold the vCPU; return None")
+
+
 def perform_io(region: Region, exit: IoExit) -> bytes:
     """Perform a port access element by element; returns the bytes read (IN) or b"" (OUT).
 
@@ -241,11 +248,8 @@ def perform_io(region: Region, exit: IoExit) -> bytes:
                 return data[:want].ljust(want, b"\xff")
         if exit.direction is Direction.OUT:
             data = exit.data
-            if exit.count == 1:
-                device.write(offset, size, int.from_bytes(data, "little"))
-            else:
-                for i in range(0, size * exit.count, size):
-                    device.write(offset, size, int.from_bytes(data[i:i + size], "little"))
+            for i in range(0, size * exit.count, size):
+                unheld(device.write(offset, size, int.from_bytes(data[i:i + size], "little")), "string I/O")
             return b""
         mask = MASKS[size]
         if exit.count == 1:

@@ -45,6 +45,13 @@ PYTHON_MECHANISMS = ("event", "lock")
 HANDOFFS = tuple(C_MECHANISMS) + PYTHON_MECHANISMS
 
 
+def held_failure(held: asyncio.Future) -> BaseException | None:
+    """Why a held write failed (its exception, or a cancellation), or None."""
+    if held.cancelled():
+        return asyncio.CancelledError("the held write was cancelled")
+    return held.exception()
+
+
 # -- Python-level mechanisms ------------------------------------------------------------
 
 class _Slot:
@@ -100,10 +107,16 @@ class EventHandoff:
             slot.result = fn(arg)
         except BaseException as exc:  # carried back to the vCPU thread
             slot.error = exc
-        if isinstance(slot.result, asyncio.Future) and not slot.result.done():
-            # A held write (see SlotServer): the vCPU waits until it resolves.
-            slot.result.add_done_callback(lambda _: self._signal(slot))
+        if isinstance(slot.result, asyncio.Future):
+            # A held write (see SlotServer): the vCPU waits until it resolves,
+            # and a failed or cancelled one fails the access.
+            slot.result.add_done_callback(lambda held: self._held_done(slot, held))
             return
+        self._signal(slot)
+
+    def _held_done(self, slot: _Slot, held: asyncio.Future) -> None:
+        slot.error = held_failure(held)
+        slot.result = 0
         self._signal(slot)
 
     def cancel_all(self) -> None:
@@ -153,6 +166,8 @@ class SlotServer:
     #: longest spin per C call without the GIL, and accesses served per loop turn
     SPIN_NS = 20_000
     BURST = 64
+    #: vCPUs one hub serves (the C array's size)
+    MAX_VCPUS = lib.AIOKVM_HUB_MAX_VCPUS
 
     def __init__(
         self,
@@ -241,7 +256,7 @@ class SlotServer:
                         packed >> OFFSET_SHIFT, (packed >> SIZE_SHIFT) & SIZE_MASK, hub.value)
                     value = 0
                     if held is not None:
-                        self._hold(held)
+                        self._hold(held, packed)
                 elif op == READ_OP:
                     value = reads[(packed >> REGION_SHIFT) & REGION_MASK](
                         packed >> OFFSET_SHIFT, (packed >> SIZE_SHIFT) & SIZE_MASK) & ALL
@@ -261,15 +276,25 @@ class SlotServer:
         self.served += served
         return served
 
-    def _hold(self, held) -> None:
+    def _hold(self, held, packed: int) -> None:
         """Keep the current access's vCPU waiting until ``held`` resolves (see the class docstring)."""
         if not isinstance(held, asyncio.Future):
             raise TypeError(f"write returned {held!r}; return None, or an asyncio.Future to hold the vCPU")
         if held.done():
+            error = held_failure(held)
+            if error is not None:
+                raise error  # the device failed on this access: the machine stops
             return  # nothing to wait for: complete as usual
         ctx = self._ctxs[lib.aiokvm_hub_detach(self.hub)]
         self.held += 1
-        held.add_done_callback(lambda _: lib.aiokvm_complete_held(ctx, 0))
+
+        def release(held: asyncio.Future) -> None:
+            error = held_failure(held)
+            if error is not None:  # stop the machine first: the completion below then finds it cancelled
+                self._on_error(self._dispatcher.failure(packed, ctx, error))
+            lib.aiokvm_complete_held(ctx, 0)
+
+        held.add_done_callback(release)
 
     async def _poll(self) -> None:
         """Adaptive polling: spin in C while exits keep coming, sleep when idle.

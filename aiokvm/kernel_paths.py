@@ -81,7 +81,8 @@ class IoEventFd:
 
     def drain(self) -> None:
         """Deliver signals that arrived but were not yet read (e.g. at stop)."""
-        self._on_ready()
+        if self.fd >= 0:
+            self._on_ready()
 
     def close(self) -> None:
         if self.fd < 0:
@@ -125,8 +126,11 @@ class IrqFd:
             loop.add_reader(self.resample_fd, self._on_resample_ready)
 
     def trigger(self) -> None:
-        """Raise the interrupt (thread-safe: one eventfd write)."""
-        os.eventfd_write(self.fd, 1)
+        """Raise the interrupt (thread-safe: one eventfd write; nothing once closed)."""
+        fd = self.fd
+        if fd < 0:
+            return  # the machine closed under a late completion: there is no guest to interrupt
+        os.eventfd_write(fd, 1)
         self.triggers += 1
 
     def _on_resample_ready(self) -> None:
@@ -173,6 +177,7 @@ class CoalescedRing:
         offset = lib.KVM_COALESCED_MMIO_PAGE_OFFSET * page
         if vcpu.mmap_size < offset + page:
             raise ConfigError("this KVM maps no coalesced MMIO ring")
+        self._vcpu = vcpu  # the ring lives in its mapping: drain only while it is open
         self._ring = ffi.cast("struct kvm_coalesced_mmio_ring *", vcpu.run_base + offset)
         self._capacity = (page - ffi.sizeof("struct kvm_coalesced_mmio_ring")) // ffi.sizeof(
             "struct kvm_coalesced_mmio")
@@ -183,6 +188,8 @@ class CoalescedRing:
     def drain(self) -> int:
         """Deliver every queued write, oldest first; returns how many."""
         total = 0
+        if self._vcpu.closed:
+            return 0  # the mapping is gone (the machine closed): nothing left to read
         out, deliver = self._out, self._deliver
         while True:
             n = lib.aiokvm_coalesced_drain(self._ring, self._capacity, out, self.BATCH)

@@ -92,6 +92,9 @@ class Machine:
             raise ConfigError(f"sample_every must be an integer in [1, 2**20], got {sample_every!r}")
         if handoff not in HANDOFFS:
             raise ConfigError(f"unknown handoff {handoff!r}; choose one of {', '.join(sorted(HANDOFFS))}")
+        if handoff in C_MECHANISMS and vcpus > SlotServer.MAX_VCPUS:
+            raise ConfigError(f"the {handoff} handoff serves at most {SlotServer.MAX_VCPUS} vCPUs; "
+                              "use fewer vCPUs or --handoff event")
         self.memory_size = validate_memory_size(parse_size(memory))
         self.vcpu_count = vcpus
         self.handoff_name = handoff
@@ -115,6 +118,10 @@ class Machine:
         self.cmdline = ""
         self._opened = False
         self._closed = False
+        self._closing = False
+        self._closed_event = asyncio.Event()
+        self._run_done = asyncio.Event()  # run() has finished its teardown (set while not running)
+        self._run_done.set()
         self._loaded: Path | None = None
         self._running = False
         self._stopping = True  # nothing runs, so nothing to stop; run() clears it
@@ -123,7 +130,7 @@ class Machine:
         self._slot_server: SlotServer | None = None
         self._stop_lock = threading.Lock()
         self._paused = False
-        self._park_waiter: asyncio.Future | None = None
+        self._park_waiters: list[asyncio.Future] = []  # pause() calls waiting for vCPUs to park
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> Machine:
@@ -171,19 +178,42 @@ class Machine:
         """Stop the guest if it runs, close every device (each waits for its
         own work in flight and closes its backend), then free every fd,
         thread and mapping."""
-        if self._closed:
+        if self._closing:
+            await self._closed_event.wait()  # another aclose() is at work: wait for it
             return
-        if self._threads:
-            self._request_stop()
-            await self._join_vcpus()
+        self._closing = True
         try:
+            if self._running:
+                self.stop()  # run() returns ExitStatus(reason="stopped") and tears down
+                try:
+                    await asyncio.wait_for(self._run_done.wait(), 10)
+                except TimeoutError:
+                    pass  # run() was abandoned mid-teardown: finish it here
+            if self._threads:
+                self._request_stop()
+                await self._join_vcpus()
+            self._stop_serving()
             if self.devices is not None:
                 await self.devices.aclose()
         finally:
             self._release()
+            self._closed_event.set()
             self._log.info("machine closed")
 
+    def _stop_serving(self) -> None:
+        """After the vCPUs ended: close the loop side of the handoff and the
+        kernel paths' timers, and deliver what they still hold (once per run)."""
+        if self._run_done.is_set():
+            return
+        if self._slot_server is not None:
+            self._slot_server.close()
+        if self.devices is not None:
+            self.devices.stop()
+        self._running = False
+        self._run_done.set()
+
     def _release(self) -> None:
+        self._stop_serving()  # a run() abandoned mid-teardown leaves nothing ticking over freed memory
         self._closed = True
         if self.console is not None:
             self.console.close()
@@ -199,9 +229,11 @@ class Machine:
             raise ConfigError("open the machine first: `async with Machine(...) as vm:`")
 
     def _check_bus_may_change(self, what: str) -> None:
-        # The bus guard: the C tables change only while no vCPU can read them.
-        running = [t for t in self._threads if t.thread.is_alive() and not t.parked.is_set()]
-        if running:
+        # The bus guard: the C tables change only while no vCPU can read them:
+        # every live vCPU parked, and the machine still paused (after resume()
+        # a vCPU's parked flag stays set until it wakes, so it is not enough).
+        alive = [t for t in self._threads if t.thread.is_alive()]
+        if alive and not (self._paused and all(t.parked.is_set() for t in alive)):
             raise ConfigError(f"cannot {what} while vCPUs of {self.name} run: pause() the machine first, "
                               "or attach devices before run()")
 
@@ -296,7 +328,7 @@ class Machine:
             try:
                 self.devices.attach(device.control_port(), pio=(ATA_CTRL, 1), name="ata0-ctrl", owner=device)
             except BaseException:
-                self.bus.unregister(region)
+                self.devices.detach(region)  # add_disk closes the backend: the machine must not again
                 raise
             return device
         raise ConfigError(f"unknown disk interface {interface!r}: use virtio or ata")
@@ -348,8 +380,11 @@ class Machine:
             raise ConfigError("load a guest before run(): vm.load('hello')")
         if self._running or self._threads:
             raise ConfigError(f"machine {self.name} is already running or has run; create a new Machine")
+        if self._closing:
+            raise ConfigError(f"machine {self.name} is closing")
         ensure_kick_handler()  # before anything starts: refuses if the application owns the signal
         self._running = True
+        self._run_done.clear()
         self._outcome = self._loop.create_future()
         self._stopping = False
         context = {"vm": self.name}
@@ -358,15 +393,15 @@ class Machine:
                        sample_every=self._sample_every, spin_us=self._spin_us, on_park=self._vcpu_parked)
             for vcpu in self.vcpus
         ]
-        if self.handoff_name in C_MECHANISMS:
-            self._slot_server = SlotServer(
-                self._loop, self.handoff_name, [t.ctx for t in self._threads], self.dispatcher,
-                on_error=self._on_loop_error, poll_window_us=self._poll_window_us,
-            )
-            self._slot_server.start()
-        self.devices.start()
-        self._log.info("machine started", guest=self._loaded.name)
         try:
+            if self.handoff_name in C_MECHANISMS:
+                self._slot_server = SlotServer(
+                    self._loop, self.handoff_name, [t.ctx for t in self._threads], self.dispatcher,
+                    on_error=self._on_loop_error, poll_window_us=self._poll_window_us,
+                )
+                self._slot_server.start()
+            self.devices.start()
+            self._log.info("machine started", guest=self._loaded.name)
             for thread in self._threads:
                 thread.start()
             try:
@@ -378,11 +413,10 @@ class Machine:
                 ) from None
         finally:
             self._request_stop()
-            await self._join_vcpus()
-            if self._slot_server is not None:
-                self._slot_server.close()
-            self.devices.stop()
-            self._running = False
+            try:
+                await self._join_vcpus()
+            finally:
+                self._stop_serving()
         if isinstance(outcome, BaseException):
             self._log.info("machine stopped on an error", error=str(outcome), error_type=type(outcome).__name__)
             raise outcome
@@ -443,14 +477,21 @@ class Machine:
         deadline = self._loop.time() + timeout
         while True:
             # Arm the waiter before looking, so a park in between still wakes us.
-            self._park_waiter = self._loop.create_future()
-            if all(t.parked.is_set() or not t.thread.is_alive() for t in self._threads):
-                break
-            remaining = deadline - self._loop.time()
-            if remaining <= 0:
-                raise MachineTimeout(f"vCPUs of {self.name} did not park within {timeout:g}s")
-            await asyncio.wait([self._park_waiter], timeout=remaining)
-        self._park_waiter = None
+            waiter = self._loop.create_future()
+            self._park_waiters.append(waiter)
+            try:
+                if all(t.parked.is_set() or not t.thread.is_alive() for t in self._threads):
+                    break
+                remaining = deadline - self._loop.time()
+                if remaining <= 0:
+                    # Do not leave a half-paused machine behind the error.
+                    self.resume()
+                    raise MachineTimeout(f"vCPUs of {self.name} did not park within {timeout:g}s "
+                                         "(a vCPU held by a device write parks only once it completes); "
+                                         "the machine runs on")
+                await asyncio.wait([waiter], timeout=remaining)
+            finally:
+                self._park_waiters.remove(waiter)
         self._log.info("machine paused")
 
     def _vcpu_parked(self, index: int) -> None:
@@ -461,9 +502,9 @@ class Machine:
             pass
 
     def _wake_pauser(self) -> None:
-        waiter = self._park_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        for waiter in self._park_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def resume(self) -> None:
         """Let paused vCPUs run again."""

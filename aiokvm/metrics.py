@@ -235,14 +235,17 @@ def thread_modes(thread) -> dict:
     if start is None or thread.started_ns is None:
         return {}
     end, end_ns = thread.times_end, thread.ended_ns
-    if end is None:  # still running: read it live
-        if end_ns is not None or thread.native_id is None:
-            return {}
-        try:
-            end = read_thread_times_precise(thread.native_id)
-        except OSError:
-            return {}
+    if end_ns is None:  # still running (or ending right now): read it live, CPU first, then wall
+        if end is None:
+            if thread.native_id is None:
+                return {}
+            try:
+                end = read_thread_times_precise(thread.native_id)
+            except OSError:
+                return {}
         end_ns = time.monotonic_ns()
+    elif end is None:  # no /proc
+        return {}
     ctx = thread.ctx
     return mode_split(diff(start, end), wall_s=(end_ns - thread.started_ns) / 1e9,
                       spin_wait_s=ctx.spin_wait_ns / 1e9, sleep_wait_s=ctx.sleep_wait_ns / 1e9)

@@ -217,8 +217,10 @@ class VcpuThread:
     # -- the thread ---------------------------------------------------------------
     def _main(self) -> None:
         self.native_id = threading.get_native_id()
-        self.times_start = _thread_times(self.native_id)
+        # The wall-clock window encloses the CPU-time window (wall first, CPU
+        # times inside), so that on-CPU time can never exceed wall time.
         self.started_ns = time.monotonic_ns()
+        self.times_start = _thread_times(self.native_id)
         structlog.contextvars.bind_contextvars(vcpu=self.index, **self._context)
         error: BaseException | None = None
         try:
@@ -226,8 +228,8 @@ class VcpuThread:
         except BaseException as exc:  # reported to the owner, never lost
             error = exc
         finally:
-            self.ended_ns = time.monotonic_ns()
             self.times_end = _thread_times(self.native_id)
+            self.ended_ns = time.monotonic_ns()
             with self._alive_lock:
                 self._alive = False
             try:

@@ -21,10 +21,12 @@
  *   TAKEN  -> DONE       loop, after writing the result into kvm_run (release)
  *   DONE   -> EMPTY      vCPU, after reading the result (a plain store: only
  *                        the vCPU ever moves a DONE slot)
- *   POSTED | TAKEN -> CANCELLED   any thread, the machine stopping
+ *   EMPTY | POSTED | TAKEN -> CANCELLED   any thread, the machine stopping
  *
- * CANCELLED is final: a claim or a completion that finds it does nothing,
- * and a vCPU that finds it (or fails to post) returns AIOKVM_RC_CANCELLED.
+ * CANCELLED is final: a claim that finds it does nothing, a completion
+ * that loses the race may have written the (unread) result into kvm_run
+ * but does not release anyone, and a vCPU that finds it (or fails to post)
+ * returns AIOKVM_RC_CANCELLED.
  * The "polling" and "waiting" flags use sequentially consistent accesses so
  * that a poster and a sleeper cannot both miss each other (store flag, then
  * load the other side's flag).
@@ -546,7 +548,9 @@ static void aiokvm_wake_vcpu(struct aiokvm_vcpu *v)
 
 /* Complete a taken access (loop thread): store a single read result (when
  * the access is simple) and release the vCPU.  Returns 0 if the access was
- * cancelled meanwhile (nothing is written then: the vCPU has moved on). */
+ * cancelled meanwhile: then nobody is released, and a result written in the
+ * window between the look and the swap lands in a kvm_run that its vCPU,
+ * having seen CANCELLED, never reads again (its thread ends). */
 static int aiokvm_complete(struct aiokvm_vcpu *v, uint64_t value)
 {
     if (__atomic_load_n(&v->slot, __ATOMIC_ACQUIRE) != AIOKVM_SLOT_TAKEN)
@@ -624,14 +628,17 @@ static void aiokvm_hub_finish(struct aiokvm_hub *hub, uint64_t result)
     }
 }
 
-/* Cancel any posted or taken access (machine stopping). */
+/* The machine is stopping: cancel the access in flight, or the next post.
+ * An EMPTY slot is cancelled too, so a vCPU about to post fails its post
+ * instead of waiting on a loop that may never serve it again.  A DONE slot
+ * is left alone: its vCPU empties it and then sees `stop`. */
 static void aiokvm_cancel(struct aiokvm_vcpu *v)
 {
     __atomic_store_n(&v->stop, 1, __ATOMIC_SEQ_CST);
     for (;;) {
         uint32_t s = __atomic_load_n(&v->slot, __ATOMIC_ACQUIRE);
-        if (s != AIOKVM_SLOT_POSTED && s != AIOKVM_SLOT_TAKEN)
-            break; /* nothing in flight: a later post sees stop (or the loop serves it) */
+        if (s != AIOKVM_SLOT_EMPTY && s != AIOKVM_SLOT_POSTED && s != AIOKVM_SLOT_TAKEN)
+            break;
         if (aiokvm_slot_move(&v->slot, s, AIOKVM_SLOT_CANCELLED))
             break;
     }

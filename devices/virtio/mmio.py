@@ -17,8 +17,11 @@ Reset: writing 0 to Status resets the device.  When the device still has
 work in flight that may touch guest memory (``reset()`` returns a future),
 the Status write is *held*: the writing vCPU stays in its exit until the
 work is fenced, as under QEMU, where the vCPU's register write drains the
-block layer.  A DRIVER_OK that arrives from another vCPU meanwhile is held
-too, and the device is activated only once the old generation is gone.
+block layer.  Meanwhile Status reads non-zero to every vCPU (a driver must
+wait for 0 after a reset), a second reset, or one after NEEDS_RESET
+stopped the device, is held on the same fence, and a DRIVER_OK is held too:
+the device is activated, and its queues looked at, once the old generation
+is gone.
 
 Where transports live in guest-physical space is the board's business
 (``aiokvm/board.py``: QEMU microvm's slots).
@@ -133,6 +136,8 @@ class MmioTransport:
         self.queues = [QueueConfig(size) for size in device.queue_max_sizes]
         self.log = log  # the device manager binds vm= and device=
         self._fence: asyncio.Future | None = None  # the old generation draining after a reset
+        self._status_draining = 0  # what Status read before that reset (reads stay non-zero until it drains)
+        self._closed = False
         self._reset_state()
 
     @property
@@ -146,6 +151,7 @@ class MmioTransport:
         return {**inner, "kind": self.kind, "transport": asdict(self.counters)}
 
     async def aclose(self) -> None:
+        self._closed = True
         await self.device.aclose()
 
     def _reset_state(self) -> None:
@@ -191,7 +197,9 @@ class MmioTransport:
         if offset == INTERRUPT_STATUS:
             return self.interrupt.status
         if offset == STATUS:
-            return self.status
+            # A driver MUST wait for Status to read 0 after a reset (virtio
+            # 1.2, 2.4.2): while the old generation drains, it does not.
+            return self.status | self._status_draining if self._draining() else self.status
         if offset == CONFIG_GENERATION:
             return self.config_generation
         if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
@@ -310,8 +318,24 @@ class MmioTransport:
         return None
 
     def _activate_if_current(self, generation: int) -> None:
-        if generation == self._generation and self.status & DRIVER_OK and not self.active:
+        """A DRIVER_OK held behind a reset's fence: activate now, unless another
+        reset came meanwhile or the machine is closing, and look at every
+        queue once (a kick from another vCPU in between found us inactive)."""
+        if generation != self._generation or not self.status & DRIVER_OK or self.active or self._closed:
+            return
+        try:
             self._activate()
+            for index, q in enumerate(self.queues):
+                if self.active and q.ready:
+                    self.device.notify(index)
+        except VirtqueueError as exc:
+            self.device_error(str(exc))
+        except Exception as exc:  # a device bug: keep the loop, fail the device
+            self.log.exception("virtio device failed to activate", kind=self.kind)
+            self.device_error(f"{type(exc).__name__}: {exc}")
+
+    def _draining(self) -> bool:
+        return self._fence is not None and not self._fence.done()
 
     def _features_acceptable(self) -> bool:
         wanted = self.driver_features
@@ -348,13 +372,20 @@ class MmioTransport:
         """
         self.counters.resets += 1
         self._generation += 1
+        before = self.status
         fence = self.device.reset() if self.active else None
         self._reset_state()
-        if fence is None or fence.done():
+        if fence is not None and not fence.done():
+            self._fence = fence
+        # Also when the device was already stopped by NEEDS_RESET, or a
+        # second reset comes while the first drains: the old work is the
+        # same, and so is the fence.
+        if not self._draining():
             return None
+        if before:
+            self._status_draining = before
         self.counters.held_resets += 1
-        self._fence = fence
-        return fence
+        return self._fence
 
     def device_error(self, why: str) -> None:
         """The driver broke the rules: NEEDS_RESET and a config-change interrupt."""

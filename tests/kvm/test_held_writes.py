@@ -145,3 +145,80 @@ async def test_a_write_returning_something_else_is_a_device_error(handoff):
         vm.load("exitloop", cmdline="n=10 port=0x80")
         with pytest.raises(DeviceError, match="confused.*write returned 42; return None, or an asyncio.Future"):
             await vm.run(timeout=30)
+
+
+class HoldFirst:
+    """The first write is held until the test resolves (or fails) it."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.held: asyncio.Future | None = None
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int):
+        self.writes += 1
+        if self.held is None:
+            self.held = asyncio.get_running_loop().create_future()
+            return self.held
+        return None
+
+
+async def started_with_a_held_write(vm: Machine, n: int = 50):
+    gate = HoldFirst()
+    vm.add_device(gate, pio=(0x80, 1), name="gate")
+    vm.load("exitloop", cmdline=f"n={n} port=0x80")
+    task = asyncio.create_task(vm.run(timeout=60))
+    while gate.held is None:
+        await asyncio.sleep(0.002)
+    return gate, task
+
+
+@pytest.mark.parametrize("handoff", ["spin", "event"])
+async def test_a_held_write_that_fails_stops_the_machine_with_a_device_error(handoff):
+    from aiokvm import DeviceError
+
+    async with Machine(handoff=handoff) as vm:
+        gate, task = await started_with_a_held_write(vm)
+        gate.held.set_exception(OSError("backend gone"))
+        with pytest.raises(DeviceError, match="gate.*backend gone"):
+            await task
+    assert gate.writes == 1  # the guest never got past it
+
+
+async def test_a_pause_that_cannot_complete_rolls_back_and_the_machine_runs_on():
+    from aiokvm import MachineTimeout
+
+    async with Machine() as vm:
+        gate, task = await started_with_a_held_write(vm, n=50)
+        with pytest.raises(MachineTimeout, match="held by a device write"):
+            await vm.pause(timeout=0.2)
+        assert not vm.paused  # not left half-paused
+        gate.held.set_result(None)
+        status = await task
+    assert status.code == 0 and gate.writes == 50
+
+
+async def test_closing_a_machine_whose_run_is_pending_ends_the_run():
+    vm = Machine()
+    await vm.__aenter__()
+    gate, task = await started_with_a_held_write(vm)
+    await asyncio.wait_for(vm.aclose(), 10)  # never resolved: the stop cancels the held access
+    status = await asyncio.wait_for(task, 5)
+    assert status.reason == "stopped"
+    assert all(not t.thread.is_alive() for t in vm._threads)
+    assert vm.stats()["kernel_paths"]["irqfd"] == {}  # readable after close (no irqfd here)
+
+
+async def test_the_bus_guard_refuses_changes_right_after_resume():
+    async with Machine() as vm:
+        vm.load("exitloop", cmdline="n=2000000 port=0x80")
+        task = asyncio.create_task(vm.run(timeout=60))
+        await asyncio.sleep(0.01)
+        await vm.pause()
+        vm.resume()  # the vCPU's parked flag is still set until it wakes
+        with pytest.raises(ConfigError, match="pause"):
+            vm.add_device(HoldFirst(), pio=(0x81, 1), name="late")
+        vm.stop()
+        await task

@@ -369,11 +369,12 @@ async def test_a_reset_holds_the_vcpu_until_every_request_in_flight_is_done():
     g, backend = await requests_in_flight(4)
     held = g.t.write(mmio.STATUS, 4, 0)
     assert isinstance(held, asyncio.Future) and not held.done()
-    assert g.r(mmio.STATUS) == 0
+    assert g.r(mmio.STATUS) != 0  # to every vCPU: not reset yet (a driver waits for 0)
     await asyncio.sleep(0.02)
     assert not held.done() and backend.finished == 0
     backend.gate.set()
     await asyncio.wait_for(held, 5)
+    assert g.r(mmio.STATUS) == 0
     assert backend.finished == 4  # every late write landed before the reset completed
     await asyncio.sleep(0.01)
     assert g.q.used() == []  # and their completions were dropped: a new generation
@@ -407,3 +408,16 @@ async def test_driver_ok_during_a_held_reset_activates_after_the_old_requests_ar
     g.kick()
     done = await g.complete(1)
     assert list(done.values())[0][-1] == bytes([S_OK])
+
+
+async def test_a_reset_after_needs_reset_is_held_on_the_requests_still_in_flight():
+    g, backend = await requests_in_flight(2)
+    g.t.device_error("a hostile chain")  # NEEDS_RESET stops the device; its requests still run
+    assert g.r(mmio.STATUS) & mmio.NEEDS_RESET
+    held = g.t.write(mmio.STATUS, 4, 0)
+    assert isinstance(held, asyncio.Future) and not held.done()
+    again = g.t.write(mmio.STATUS, 4, 0)  # a second reset from another vCPU waits for the same
+    assert again is held
+    backend.gate.set()
+    await asyncio.wait_for(held, 5)
+    assert backend.finished == 2 and g.r(mmio.STATUS) == 0
