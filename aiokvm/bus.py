@@ -11,8 +11,9 @@ The maps change only while no vCPU can look them up.  The C vCPU loop reads
 the port table and its MMIO list without a lock, and the dispatcher's
 tables are indexed by region id, so rewriting them under a running vCPU
 could send an access to the wrong device.  The owner (``Machine``) installs
-a guard that refuses (un)registration with ``ConfigError`` while vCPUs run,
-unless every one is parked by ``pause()``.
+a guard, called under the bus lock, that refuses (un)registration with
+``ConfigError`` while vCPUs run, unless the machine is paused and every vCPU
+has parked.
 """
 
 from __future__ import annotations
