@@ -129,7 +129,6 @@ async def test_pause_resume_cycles_under_exit_load():
     print(report(latencies))
 
 
-@pytest.mark.slow
 @pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_ten_thousand_pause_resume_cycles_under_exit_load():
     latencies = await pause_resume_cycles(10_000, seed=2)
