@@ -40,6 +40,11 @@ class VirtioInterrupt(Protocol):
     def trigger(self, kind: InterruptKind) -> None:
         """Interrupt the driver.  The device decides how often (EVENT_IDX, batching)."""
 
+    def needs_reset(self, why: str) -> None:
+        """The driver broke the rules outside a notify (e.g. a hostile receive
+        ring met while delivering a frame): NEEDS_RESET, as a ``VirtqueueError``
+        raised from ``notify`` would."""
+
 
 @runtime_checkable
 class VirtioDevice(Protocol):

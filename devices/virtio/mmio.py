@@ -107,9 +107,10 @@ class MmioInterrupt:
     ConfigGeneration, so a driver reading the config space sees it moved.
     """
 
-    def __init__(self, raise_irq, on_config_change) -> None:
+    def __init__(self, raise_irq, on_config_change, on_needs_reset) -> None:
         self._raise = raise_irq
         self._on_config_change = on_config_change
+        self._on_needs_reset = on_needs_reset
         self.status = 0
         self.count = 0
 
@@ -119,6 +120,9 @@ class MmioInterrupt:
         self.status |= int(kind)
         self.count += 1
         self._raise()
+
+    def needs_reset(self, why: str) -> None:
+        self._on_needs_reset(why)
 
     def ack(self, bits: int) -> None:
         self.status &= ~bits
@@ -130,7 +134,7 @@ class MmioTransport:
     def __init__(self, device: VirtioDevice, memory, raise_irq) -> None:
         self.device = device
         self.memory = memory
-        self.interrupt = MmioInterrupt(raise_irq, self._bump_generation)
+        self.interrupt = MmioInterrupt(raise_irq, self._bump_generation, self.device_error)
         self.counters = TransportCounters()
         self.offered = device.features | F_VERSION_1
         self.queues = [QueueConfig(size) for size in device.queue_max_sizes]

@@ -354,6 +354,39 @@ class SplitQueue:
         self._used[2:4] = _U16.pack(self._next_used)  # after the element
         self.num_pushed += 1
 
+    def push_many(self, elements: list[tuple[int, int]]) -> None:
+        """Return several chains at once: every element is written before
+        ``used.idx`` moves, once, so the driver sees all of them or none (a
+        frame spread over several receive buffers must become used together)."""
+        if self.failure is not None:
+            raise self.failure
+        seen = set()
+        for head, written in elements:
+            limit = self._in_flight.get(head)
+            if limit is None or head in seen:
+                raise ValueError(f"push of head {head}, which is not in flight")
+            if not 0 <= written <= limit:
+                raise ValueError(f"push of head {head} with {written} bytes written; it has {limit} writable")
+            seen.add(head)
+        used, size, nxt = self._used, self.size, self._next_used
+        for head, written in elements:
+            del self._in_flight[head]
+            elem = 4 + 8 * (nxt % size)
+            used[elem:elem + 8] = _USED_ELEM.pack(head, written)
+            nxt = (nxt + 1) & 0xFFFF
+        self._next_used = nxt
+        used[2:4] = _U16.pack(nxt)  # after every element
+        self.num_pushed += len(elements)
+
+    def unpop(self, head: int) -> None:
+        """Give back the chain ``pop()`` returned last, untouched: the next
+        ``pop()`` returns it again (a receive that ran out of buffers midway)."""
+        if self._in_flight.get(head) is None or self.num_popped == 0:
+            raise ValueError(f"unpop of head {head}, which is not in flight")
+        del self._in_flight[head]
+        self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+        self.num_popped -= 1
+
     def needs_notification(self) -> bool:
         """Should the device interrupt the driver for the pushes since the last call?
 

@@ -517,3 +517,25 @@ def test_random_rings_match_the_reference_and_fail_only_with_virtqueue_error(cas
         q.has_available()
         q.set_notification(True)
         q.set_notification(False)
+
+
+def test_unpop_gives_the_last_chains_back_in_reverse_and_push_many_publishes_once():
+    from aiokvm.devices.virtio.queue import SplitQueue
+    from aiokvm.memory import GuestMemory
+    from aiokvm.testing import VirtqueueDriver
+
+    memory = GuestMemory("4M")
+    drv = VirtqueueDriver(memory, 8, 0x10000)
+    q = SplitQueue(memory, 8, drv.desc_addr, drv.avail_addr, drv.used_addr)
+    heads = [drv.add([], [64]) for _ in range(3)]
+    a, b = q.pop(), q.pop()
+    q.unpop(b.head)
+    q.unpop(a.head)
+    with pytest.raises(ValueError):
+        q.unpop(a.head)  # not in flight any more
+    assert [q.pop().head for _ in range(3)] == heads
+    with pytest.raises(ValueError):
+        q.push_many([(heads[0], 1), (heads[0], 1)])  # the same head twice: nothing published
+    assert memory.read_u16(drv.used_addr + 2) == 0
+    q.push_many([(h, 8) for h in heads])
+    assert drv.used() == [(h, 8) for h in heads]
