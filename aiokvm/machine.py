@@ -333,6 +333,20 @@ class Machine:
             return device
         raise ConfigError(f"unknown disk interface {interface!r}: use virtio or ata")
 
+    def add_nic(self, switch, mac: str, *, port: str | None = None, vlan: int | None = None,
+                ioeventfd: bool = True, **options):
+        """Attach a virtio-net NIC (``mac``) as port ``port`` (default: the
+        machine's name) of ``switch``; ``vlan=V``: an untagged member of VLAN V.
+        ``options`` go to ``VirtioNet`` (mtu, mac_filter, rx hold bounds).
+        Returns the device; its port goes away when the machine closes."""
+        from .devices.virtio.net import VirtioNet
+
+        switch.check_port_name(port or self.name)
+        device = VirtioNet(mac, **options)
+        self.add_virtio(device, ioeventfd=ioeventfd, name=f"net-{port or self.name}")
+        switch.add_nic(device, port=port or self.name, vlan=vlan)
+        return device
+
     def irqfd(self, gsi: int, *, resample: bool = False, on_resample=None) -> IrqFd:
         """An interrupt line the loop raises by writing an eventfd (no vCPU kick).
 

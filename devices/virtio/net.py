@@ -161,6 +161,8 @@ class VirtioNet:
         self._interrupt = None
         self._mrg = False
         self._status = False
+        #: called when the device closes (its switch port lets go of it)
+        self.on_close: list[Callable[[], None]] = []
 
     # -- wiring ---------------------------------------------------------------------------
     def connect(self, on_tx: Callable[[bytes], None] | None) -> None:
@@ -229,6 +231,9 @@ class VirtioNet:
 
     async def aclose(self) -> None:
         self._on_tx = None
+        callbacks, self.on_close = self.on_close, []
+        for callback in callbacks:
+            callback()
 
     # -- transmit ------------------------------------------------------------------------
     def _transmit(self) -> None:
