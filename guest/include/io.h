@@ -52,6 +52,20 @@ static inline uint32_t mmio_read32(uintptr_t addr)
 	return v;
 }
 
+static inline uint8_t mmio_read8(uintptr_t addr)
+{
+	uint8_t v;
+	__asm__ volatile("movb (%1), %0" : "=q"(v) : "r"(addr) : "memory");
+	return v;
+}
+
+static inline uint16_t mmio_read16(uintptr_t addr)
+{
+	uint16_t v;
+	__asm__ volatile("movw (%1), %0" : "=r"(v) : "r"(addr) : "memory");
+	return v;
+}
+
 static inline void cpuid(uint32_t leaf, uint32_t sub, uint32_t *a,
 			 uint32_t *b, uint32_t *c, uint32_t *d)
 {
