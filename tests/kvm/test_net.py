@@ -34,13 +34,14 @@ async def ping_pair(sw: Switch, *, echo_cmd: str = "", ping_cmd: str = "", vlan_
     async with Machine(name="a") as a, Machine(name="b") as b:
         a.add_nic(sw, "02:00:00:00:00:0a", vlan=vlan_a)
         b.add_nic(sw, "02:00:00:00:00:0b", vlan=vlan_b)
-        a.load("netecho", cmdline=f"ip=10.0.0.1 cpl=3 timeout_ms=0 {echo_cmd}")
+        # netecho ends after the ARP request and the echo requests (as under QEMU, tests/integration)
+        a.load("netecho", cmdline=f"ip=10.0.0.1 cpl=3 n={count + 1} timeout_ms=30000 {echo_cmd}")
         b.load("ping", cmdline=f"ip=10.0.0.2 dst=10.0.0.1 count={count} cpl=3 {ping_cmd}")
         echo = asyncio.create_task(a.run(timeout=120))
         status = await b.run(timeout=120)
         fdb = {row.mac: row.port for row in sw.fdb() if row.kind == "learned"}
-        a.stop()
-        await echo
+        assert (await echo).code == 0
+        assert f"netecho: frames {count + 1} arp 1 icmp {count} udp 0 other 0" in a.console.output.decode()
         return status, b.console.output.decode(), a.stats()["devices"]["net-a"]["counters"], fdb
 
 
