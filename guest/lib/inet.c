@@ -47,7 +47,7 @@ int inet_parse_ip(const char *s, uint32_t *out)
 			return 0;
 		ip = ip << 8 | v;
 	}
-	if (*s && *s != ' ')
+	if (*s && *s != ' ' && *s != ',')   /* the end, or the next in a list */
 		return 0;
 	*out = ip;
 	return 1;
