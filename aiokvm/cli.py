@@ -1,7 +1,11 @@
 """The ``aiokvm`` command line.
 
-    aiokvm run GUEST [--memory 64M] [--vcpus N] [--cmdline STR] [--timeout S] [--stats] [--debug]
+    aiokvm run GUEST [--memory 64M] [--vcpus N] [--cmdline STR] [--timeout S] [--disk ...] [--net ...]
+               [--stats] [--debug] [+ GUEST [options]]...
     aiokvm info
+
+``+`` starts another machine in the same process: all share the event loop
+and the in-process switches their ``--net`` NICs join.
 
 The process exit status of ``run`` is the guest's debug-exit code (low 8
 bits).  Errors print one line and exit 2 (124 on timeout); ``--debug`` adds
@@ -47,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,format=raw|nbd][,if=virtio|ata]",
                      help="attach a disk (repeatable); nbd takes nbd+unix:///EXPORT?socket=PATH or "
                           "nbd://127.0.0.1:PORT/EXPORT")
+    run.add_argument("--net", action="append", default=[],
+                     metavar="MAC[,switch=NAME][,port=NAME][,vlan=V][,mtu=N][,mac_filter]",
+                     help="attach a virtio-net NIC to an in-process switch (default br0; repeatable)")
+    run.add_argument("--switch", action="append", default=[], metavar="NAME[,stp][,vlan_filtering]",
+                     help="options of an in-process switch the NICs join")
+    run.add_argument("--name", help="the machine's name (default vmN; names its switch ports and output)")
     run.add_argument("--no-ioeventfd", action="store_true",
                      help="virtio QueueNotify as a plain exit (for measurement)")
     run.add_argument("--timeout", type=float, default=None, help="stop the guest after S seconds (exit 124)")
@@ -83,51 +93,126 @@ def _fail(message: str) -> int:
     return EXIT_ERROR
 
 
-async def _run(args) -> int:
+class _Prefixed:
+    """A serial sink that writes whole lines, each starting with ``[name] ``
+    (several machines, one stdout: their lines must not interleave)."""
+
+    def __init__(self, name: str, out) -> None:
+        self._prefix = f"[{name}] ".encode()
+        self._out = out
+        self._partial = b""
+
+    def __call__(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if lines:
+            self._out.write(b"".join(self._prefix + line + b"\n" for line in lines))
+            self._out.flush()
+
+    def close(self) -> None:
+        """Write a last line that never got its newline."""
+        if self._partial:
+            self._out.write(self._prefix + self._partial + b"\n")
+            self._partial = b""
+            self._out.flush()
+
+
+def _switch_options(all_args) -> dict[str, dict]:
+    """``--switch NAME[,stp][,vlan_filtering]`` from every machine, merged by name."""
+    options: dict[str, dict] = {}
+    for args in all_args:
+        for text in args.switch:
+            name, *flags = text.split(",")
+            if not name or any(flag not in ("stp", "vlan_filtering") for flag in flags):
+                raise ConfigError(f"--switch {text}: give NAME[,stp][,vlan_filtering]")
+            entry = options.setdefault(name, {"stp": False, "vlan_filtering": False})
+            for flag in flags:
+                entry[flag] = True
+    return options
+
+
+async def _run(all_args: list) -> int:
+    """Run one machine, or several joined by ``+`` on one event loop (and its switches)."""
+    from contextlib import AsyncExitStack
+
     from . import boot, guests
     from .devices.backends.spec import open_backend, parse_disk_spec
     from .handoff import DEFAULT_HANDOFF
     from .machine import Machine
+    from .net.spec import parse_net_spec
+    from .net.switch import Switch
 
     # Input errors come before /dev/kvm is opened, so that they read the same on a
     # host without KVM.  Constructing a Machine checks memory, vCPUs and handoff
     # but opens nothing; `async with vm` opens KVM.
     out = sys.stdout.buffer
-    vm = Machine(memory=args.memory, vcpus=args.vcpus, handoff=args.handoff or DEFAULT_HANDOFF,
-                 serial_output=out)
-    specs = [parse_disk_spec(disk) for disk in args.disk]
-    if sum(spec.interface == "ata" for spec in specs) > 1:
-        raise ConfigError("only one ATA disk (the primary master) is supported; make the others if=virtio")
-    if args.stats_json:
-        _check_writable(args.stats_json)
-    guest = guests.resolve(args.guest)
-    boot.read_elf(guest)  # vm.load reads it again; this is only the check
-    pending = []  # opened backends not yet handed to the machine, which closes the ones it has
-    try:
-        for spec in specs:
-            pending.append((spec, await open_backend(spec)))
-        async with vm:
-            while pending:
-                spec, backend = pending.pop(0)  # add_disk closes it if attaching fails
+    several = len(all_args) > 1
+    plans = []
+    names = set()
+    for index, args in enumerate(all_args):
+        name = args.name or (f"vm{index + 1}" if several else None)
+        if name is not None and name in names:
+            raise ConfigError(f"two machines are named {name!r}; give each its own --name")
+        names.add(name)
+        vm = Machine(memory=args.memory, vcpus=args.vcpus, handoff=args.handoff or DEFAULT_HANDOFF,
+                     serial_output=_Prefixed(name, out) if several else out, name=name)
+        disks = [parse_disk_spec(disk) for disk in args.disk]
+        if sum(spec.interface == "ata" for spec in disks) > 1:
+            raise ConfigError("only one ATA disk (the primary master) is supported; make the others if=virtio")
+        nets = [parse_net_spec(net) for net in args.net]
+        if args.stats_json:
+            _check_writable(args.stats_json)
+        guest = guests.resolve(args.guest)
+        boot.read_elf(guest)  # vm.load reads it again; this is only the check
+        plans.append((args, vm, disks, nets, guest))
+    switch_options = _switch_options(all_args)
+    for _, _, _, nets, _ in plans:
+        for net in nets:
+            entry = switch_options.setdefault(net.switch, {"stp": False, "vlan_filtering": False})
+            if net.vlan is not None:
+                entry["vlan_filtering"] = True
+
+    statuses: list = []
+    async with AsyncExitStack() as stack:
+        switches = {name: await stack.enter_async_context(Switch(name, **options))
+                    for name, options in switch_options.items()}
+        for args, vm, disks, nets, guest in plans:
+            pending = [await open_backend(spec) for spec in disks]  # image errors before KVM opens
+            stack.push_async_callback(_close_all, pending)  # the ones the machine never took
+            await stack.enter_async_context(vm)
+            for spec in disks:
+                backend = pending.pop(0)  # add_disk closes it if attaching fails
                 await vm.add_disk(backend, interface=spec.interface, ioeventfd=not args.no_ioeventfd)
+            for net in nets:
+                vm.add_nic(switches[net.switch], net.mac, port=net.port, vlan=net.vlan, mtu=net.mtu,
+                           mac_filter=net.mac_filter, ioeventfd=not args.no_ioeventfd)
             vm.load(guest, cmdline=args.cmdline)
-            try:
-                status = await vm.run(timeout=args.timeout)
-            finally:
-                out.flush()
+        try:
+            statuses = await asyncio.gather(*(vm.run(timeout=args.timeout) for args, vm, *_ in plans))
+        finally:
+            for _, vm, *_ in plans:
+                if isinstance(vm.console.sink, _Prefixed):
+                    vm.console.sink.close()
+            out.flush()
+            for args, vm, *_ in plans:
                 if args.stats or args.stats_json:
                     stats = vm.stats()
                     if args.stats:
                         print_stats(stats, file=sys.stderr)
                     if args.stats_json:
                         _write_json(args.stats_json, stats)
-    finally:
-        for _, backend in pending:
-            await backend.close()
-    if status.code is None:
-        print(f"aiokvm: guest ended: {status.reason}", file=sys.stderr)
-        return 0
-    return status.code & 0xFF
+    code = 0
+    for (_, vm, *_), status in zip(plans, statuses, strict=True):
+        if status.code is None:
+            print(f"aiokvm: {vm.name if several else 'guest'} ended: {status.reason}", file=sys.stderr)
+        elif status.code & 0xFF and not code:
+            code = status.code & 0xFF  # the first machine that failed gives the status
+    return code
+
+
+async def _close_all(backends: list) -> None:
+    for backend in backends:
+        await backend.close()
 
 
 def print_stats(stats: dict, file=sys.stderr) -> None:
@@ -233,18 +318,39 @@ def _version() -> str:
         return "(source)"
 
 
+def _split_machines(argv: list[str]) -> list[list[str]]:
+    """``run A ... + B ...``: one argument list per machine, each starting with ``run``
+    (options before ``run`` apply to the whole process)."""
+    if "run" not in argv:
+        return [argv]
+    at = argv.index("run")
+    head, rest = argv[:at], argv[at + 1:]
+    segments, current = [], []
+    for arg in rest:
+        if arg == "+":
+            segments.append(current)
+            current = []
+        else:
+            current.append(arg)
+    segments.append(current)
+    return [[*head, "run", *segment] for segment in segments]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    all_args = [parser.parse_args(segment) for segment in _split_machines(argv)]
+    args = all_args[0]
     configure_logging(args.log_format, args.log_level)
-    debug = getattr(args, "debug", False)
+    debug = any(getattr(a, "debug", False) for a in all_args)
     try:
         if args.command == "info":
             return _info()
         if args.loop == "uvloop":
             import uvloop
 
-            return uvloop.run(_run(args))
-        return asyncio.run(_run(args))
+            return uvloop.run(_run(all_args))
+        return asyncio.run(_run(all_args))
     except MachineTimeout as exc:
         if debug:
             raise

@@ -158,6 +158,11 @@ class SerialConsole:
                 await self._input_room.wait()
                 self.feed(bytes(chunk))
 
+    @property
+    def sink(self):
+        """Where the guest's output goes (as given to the constructor)."""
+        return self._sink
+
     def metrics(self) -> dict:
         with self._lock:
             counters = asdict(self.uart.counters)

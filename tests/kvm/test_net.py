@@ -117,6 +117,7 @@ async def converged(switches, timeout: float = 30.0) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_vms_on_a_ring_of_stp_switches_reach_each_other_before_and_after_a_cut():
     ips = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
     switches = [Switch(f"s{i}", stp=True, **STP_TIMERS) for i in range(3)]

@@ -161,3 +161,25 @@ def test_bad_disks_are_one_line_errors(tmp_path, spec, fragment):
     proc = aiokvm("run", "hello", "--disk", spec.format(tmp=tmp_path))
     assert_one_line_error(proc, 2, "")
     assert fragment.lower() in proc.stderr.lower(), proc.stderr
+
+
+@pytest.mark.kvm
+def test_two_machines_in_one_process_ping_through_an_in_process_switch():
+    proc = aiokvm("run", "netecho", "--name", "a", "--net", "02:00:00:00:00:0a", "--cmdline",
+                  "ip=10.0.0.1 cpl=3 n=6", "+", "ping", "--name", "b", "--net", "02:00:00:00:00:0b",
+                  "--cmdline", "ip=10.0.0.2 dst=10.0.0.1 count=5 cpl=3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert all(line.startswith(("[a] ", "[b] ")) for line in lines), proc.stdout  # whole lines, never mixed
+    assert any(line.startswith("[b] ping: 5/5 replies") for line in lines)
+    assert "[a] netecho: frames 6 arp 1 icmp 5 udp 0 other 0 rx_errors 0" in lines
+
+
+@pytest.mark.kvm
+def test_the_first_failing_machine_gives_the_status():
+    # different VLANs: nobody answers, ping exits 1, netecho times out cleanly (0)
+    proc = aiokvm("run", "netecho", "--net", "02:00:00:00:00:0a,vlan=10", "--cmdline",
+                  "ip=10.0.0.1 cpl=3 timeout_ms=1500", "+", "ping", "--net", "02:00:00:00:00:0b,vlan=20",
+                  "--cmdline", "ip=10.0.0.2 dst=10.0.0.1 count=1 arp_ms=500 cpl=3")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "[vm2] ping: 0/1 replies" in proc.stdout

@@ -84,6 +84,13 @@ def files(tmp_path):
     # a good disk does not hide a bad one after it
     (("hello", "--disk", "{tmp}/ok.img", "--disk", "{tmp}/odd.img"), "not a multiple of 512"),
     (("hello", "--disk", "{tmp}/ok.img,if=ata", "--disk", "{tmp}/ok.img,ro,if=ata"), "only one ATA disk"),
+    # --net and several machines
+    (("hello", "--net", "01:00:00:00:00:01"), "is a multicast address"),
+    (("hello", "--net", "02:00:00:00:00:01,vlan=5000"), "vlan= must be a VLAN id in 1-4094"),
+    (("hello", "--net", "02:00:00:00:00:01,speed=10"), "unknown option 'speed=10'"),
+    (("hello", "--switch", "br0,rstp"), "give NAME[,stp][,vlan_filtering]"),
+    (("hello", "+", "hello", "--name", "vm1"), "two machines are named 'vm1'"),
+    (("hello", "+", "no-such-guest"), "no bundled guest named 'no-such-guest'"),
     # sizes and options
     (("hello", "--stats-json", "/nonexistent/dir/stats.json"), "cannot write stats to /nonexistent/dir"),
     (("hello", "--memory", "lots"), "invalid memory size 'lots'"),
