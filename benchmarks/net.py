@@ -1,0 +1,211 @@
+"""VM-to-VM frames per second through aiokvm's switch, against QEMU's VM-to-VM.
+
+Two VMs run the bundled ``netbench`` guest at CPL 3: one sends ``--n``
+frames as fast as its transmit ring allows, the other counts them, both
+timing with the TSC (the host's rate comes from ``benchmarks/c/tsc.c``: the
+guests assume 3 GHz).  The rate is the receiver's: frames delivered from
+its first to its last.
+
+- **aiokvm**: both VMs on one event loop, joined by a ``Switch`` (the bridge
+  model: learning, forwarding), each with a virtio-net NIC whose QueueNotify
+  goes through an ioeventfd (and, in the ``no-ioeventfd`` row, through an
+  exit).
+- **QEMU**: the same ELFs in two ``qemu-system-x86_64 -M microvm`` processes
+  with ``virtio-net-device``, joined by a ``-netdev dgram`` pair on loopback
+  UDP, with no switch: the C baseline of the device work.
+
+Per row: frames/s and Mbit/s (median of ``--repeat``), frames the receiver
+lost (its ring and the device's bounded hold were full), the sender's exits
+per frame, and the sender vCPU's guest/user/kernel/wait split.  It measures
+and does not assert; the goals (aiokvm >= 1.0x QEMU at 64 bytes, >= 100k
+frames/s at 64 bytes) are reported, met or not.
+
+    python benchmarks/net.py [--n 100000] [--repeat 3] [--sizes 64,512,1514] [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hostinfo import calibrate_tsc, fmt, machine_info  # noqa: E402
+
+from aiokvm import Machine, guests  # noqa: E402
+from aiokvm.net import Switch  # noqa: E402
+
+LINE = re.compile(rb"netbench: mode=(\w+) size=(\d+) frames=(\d+) bytes=(\d+) ticks=(\d+) tsc_hz=\d+ lost=(\d+)")
+RX_MAC, TX_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
+QEMU_BASE = ["-enable-kvm", "-M", "microvm,acpi=off", "-cpu", "qemu64", "-m", "64M", "-nodefaults",
+             "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
+             "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-global", "virtio-mmio.force-legacy=false"]
+
+
+def parse(output: bytes) -> dict | None:
+    m = LINE.search(output)
+    if m is None:
+        return None
+    mode, size, frames, nbytes, ticks, lost = m.groups()
+    return {"mode": mode.decode(), "size": int(size), "frames": int(frames), "bytes": int(nbytes),
+            "ticks": int(ticks), "lost": int(lost)}
+
+
+def rates(rx: dict, tsc_hz: float) -> dict:
+    seconds = rx["ticks"] / tsc_hz if rx["ticks"] else float("nan")
+    return {"frames_per_s": rx["frames"] / seconds, "mbit_per_s": rx["bytes"] * 8 / seconds / 1e6,
+            "frames": rx["frames"], "lost": rx["lost"]}
+
+
+async def run_aiokvm(size: int, n: int, ioeventfd: bool, tsc_hz: float) -> dict:
+    async with Switch("bench") as sw, Machine(name="rx") as rx, Machine(name="tx") as tx:
+        rx.add_nic(sw, RX_MAC, ioeventfd=ioeventfd)
+        tx.add_nic(sw, TX_MAC, ioeventfd=ioeventfd)
+        rx.load("netbench", cmdline=f"mode=rx n={n} size={size} cpl=3")
+        tx.load("netbench", cmdline=f"mode=tx n={n} size={size} dst_mac={RX_MAC} cpl=3")
+        receiving = asyncio.create_task(rx.run(timeout=300))
+        while b"virtio-net:" not in rx.console.output:  # the receiver's ring is posted
+            await asyncio.sleep(0.01)
+        await tx.run(timeout=300)
+        await receiving
+        result = parse(rx.console.output)
+        stats = tx.stats()
+    if result is None:
+        raise RuntimeError(f"no netbench line: {rx.console.output[-300:]!r}")
+    vcpu = stats["vcpus"][0]
+    modes = vcpu.get("modes") or {}
+    wall = modes.get("wall_s") or 0
+    sample = rates(result, tsc_hz)
+    sample["exits_per_frame"] = vcpu["user_exits"] / n
+    sample["split"] = {k: modes.get(f"{k}_s", 0) / wall for k in ("guest", "user", "kernel", "wait")} if wall else {}
+    return sample
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_qemu(size: int, n: int, tsc_hz: float) -> dict:
+    qemu = shutil.which("qemu-system-x86_64")
+    rx_port, tx_port = free_udp_port(), free_udp_port()
+    elf = str(guests.path("netbench"))
+
+    def start(mode: str, mac: str, local: int, remote: int, extra: str) -> subprocess.Popen:
+        netdev = (f"dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port={local},"
+                  f"remote.type=inet,remote.host=127.0.0.1,remote.port={remote}")
+        return subprocess.Popen([qemu, *QEMU_BASE, "-netdev", netdev,
+                                 "-device", f"virtio-net-device,netdev=n0,mac={mac}",
+                                 "-kernel", elf, "-append", f"mode={mode} n={n} size={size} cpl=3 {extra}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+    receiver = start("rx", RX_MAC, rx_port, tx_port, "")
+    try:
+        import time
+
+        time.sleep(0.5)  # the receiver boots and posts its ring first
+        sender = start("tx", TX_MAC, tx_port, rx_port, f"dst_mac={RX_MAC}")
+        sender.communicate(timeout=300)
+        out, _ = receiver.communicate(timeout=300)
+    finally:
+        receiver.kill()
+    result = parse(out)
+    if result is None:
+        raise RuntimeError(f"no netbench line from QEMU: {out[-300:]!r}")
+    return rates(result, tsc_hz)
+
+
+def median_row(samples: list[dict]) -> dict:
+    row = {key: statistics.median(s[key] for s in samples)
+           for key in ("frames_per_s", "mbit_per_s", "lost") if samples}
+    if samples and "exits_per_frame" in samples[0]:
+        row["exits_per_frame"] = statistics.median(s["exits_per_frame"] for s in samples)
+        row["split"] = samples[len(samples) // 2]["split"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, help="frames per run (100000; 20000 with --quick)")
+    parser.add_argument("--repeat", type=int, help="runs per row, interleaved (3; 1 with --quick)")
+    parser.add_argument("--sizes", default="64,512,1514")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", dest="json_path")
+    args = parser.parse_args()
+    n = args.n or (20000 if args.quick else 100000)
+    repeat = args.repeat or (1 if args.quick else 3)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    have_qemu = shutil.which("qemu-system-x86_64") is not None
+    with tempfile.TemporaryDirectory(prefix="aiokvm-net-") as tmp:
+        tsc_hz, tsc_source = calibrate_tsc(tmp)
+    paths = [("aiokvm", True), ("aiokvm no-ioeventfd", False)] + ([("qemu", None)] if have_qemu else [])
+    samples: dict[tuple[str, int], list[dict]] = {}
+    errors: dict[tuple[str, int], str] = {}
+    for round_no in range(repeat):
+        for size in sizes:
+            for label, ioeventfd in paths:
+                if label == "aiokvm no-ioeventfd" and size != 64:
+                    continue
+                try:
+                    if label == "qemu":
+                        sample = run_qemu(size, n, tsc_hz)
+                    else:
+                        sample = asyncio.run(run_aiokvm(size, n, ioeventfd, tsc_hz))
+                    samples.setdefault((label, size), []).append(sample)
+                except Exception as exc:  # measured, not asserted
+                    errors[(label, size)] = f"{type(exc).__name__}: {exc}"
+        print(f"# round {round_no + 1}/{repeat} done", file=sys.stderr, flush=True)
+    info = machine_info(tsc_hz, tsc_source)
+    rows = []
+    for (label, size), runs in samples.items():
+        row = {"path": label, "size": size, "runs": len(runs), **median_row(runs)}
+        qemu = samples.get(("qemu", size))
+        if qemu and label != "qemu":
+            row["x_qemu"] = row["frames_per_s"] / statistics.median(s["frames_per_s"] for s in qemu)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["size"], r["path"]))
+    print(f"# {info['cpu_model']}, {info['cores']} CPUs{' (nested)' if info['nested'] else ''}, "
+          f"TSC {tsc_hz / 1e9:.3f} GHz, n={n}, medians of {repeat}")
+    head = (f"{'path':<22}{'size':>6}{'frames/s':>11}{'Mbit/s':>9}{'x qemu':>8}{'lost':>8}{'exits/frame':>12}"
+            "  split g/u/k/w")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        split = r.get("split") or {}
+        parts = "/".join(f"{split[k]:.2f}" for k in ("guest", "user", "kernel", "wait")) if split else "-"
+        print(f"{r['path']:<22}{r['size']:>6}{r['frames_per_s']:>11.0f}{r['mbit_per_s']:>9.1f}"
+              f"{fmt(r.get('x_qemu')):>8}{r['lost']:>8.0f}{fmt(r.get('exits_per_frame')):>12}  {parts}")
+    for key, error in errors.items():
+        print(f"# {key[0]} size {key[1]}: {error}")
+    aiokvm64 = next((r for r in rows if r["path"] == "aiokvm" and r["size"] == 64), None)
+    goals = []
+    if aiokvm64:
+        x_qemu = aiokvm64.get("x_qemu")
+        goals.append({"goal": "VM->VM through aiokvm's switch >= 1.0x QEMU at 64 bytes", "value": x_qemu,
+                      "met": None if x_qemu is None else x_qemu >= 1.0})
+        goals.append({"goal": ">= 100k frames/s at 64 bytes on one loop", "value": aiokvm64["frames_per_s"],
+                      "met": aiokvm64["frames_per_s"] >= 100_000})
+    print("goals (reported, not asserted):")
+    for goal in goals:
+        print(f"  {goal['goal']}: {fmt(goal['value'])} ({'met' if goal['met'] else 'not met'})")
+    if not have_qemu:
+        print("  (QEMU rows skipped: qemu-system-x86_64 is not installed)")
+    if args.json_path:
+        with open(args.json_path, "w") as fh:
+            json.dump({"benchmark": "net", "guest": "netbench", "n": n, "repeat": repeat, "machine": info,
+                       "rows": rows, "goals": goals,
+                       "errors": {f"{k[0]}/{k[1]}": v for k, v in errors.items()}}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
