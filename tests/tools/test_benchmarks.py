@@ -53,3 +53,15 @@ def test_bridge_benchmark_writes_every_path_and_port_count(tmp_path):
     seen = {(r["ports"], r["path"]) for r in data["rows"]}
     assert seen == {(p, path) for p in (4, 16, 64) for path in ("dict", "known-unicast", "flood", "vlan-known")}
     assert all(r["decisions_per_s"] > 0 for r in data["rows"])
+
+
+@pytest.mark.kvm
+def test_net_benchmark_writes_rows_and_goals(tmp_path):
+    data = run("net.py", "--n", "3000", "--repeat", "1", "--sizes", "64", tmp_path=tmp_path)
+    rows = {r["path"]: r for r in data["rows"]}
+    assert {"aiokvm", "aiokvm no-ioeventfd"} <= set(rows)
+    for path in ("aiokvm", "aiokvm no-ioeventfd"):
+        assert rows[path]["frames_per_s"] > 0 and rows[path]["exits_per_frame"] >= 0
+    # the notify exits: at least one per frame without ioeventfd
+    assert rows["aiokvm no-ioeventfd"]["exits_per_frame"] >= 1
+    assert {g["goal"] for g in data["goals"]} >= {">= 100k frames/s at 64 bytes on one loop"}
