@@ -205,6 +205,7 @@ class SlotServer:
             ctx.hub = self.hub
             ctx.mech = self._mech
         self._task: asyncio.Task | None = None
+        self._futex_continues = False  # a full futex burst goes on in the next loop turn
         self._sleeper: asyncio.Future | None = None
         self._closed = False
         #: loop wakeups through the eventfd, accesses served, idle sleeps, held writes
@@ -225,9 +226,22 @@ class SlotServer:
             return
         self.wakeups += 1
         if self._mech == lib.AIOKVM_MECH_FUTEX:
-            self._serve_burst(0, 1 << 30)
+            if not self._futex_continues:  # else the pending continuation serves it
+                self._serve_futex()
         elif self._sleeper is not None and not self._sleeper.done():
             self._sleeper.set_result(None)
+
+    def _serve_futex(self) -> None:
+        """At most BURST accesses per loop turn: vCPUs that keep posting must not
+        starve the loop (timers, other machines, stop()).  A full burst goes on
+        in the next turn, since the wakeups of what is still posted may already
+        have been read from the eventfd."""
+        self._futex_continues = False
+        if self._closed:
+            return
+        if self._serve_burst(0, self.BURST) == self.BURST:
+            self._futex_continues = True
+            self._loop.call_soon(self._serve_futex)
 
     def _serve_burst(self, spin_ns: int, limit: int) -> int:
         """Serve posted accesses until none comes within ``spin_ns`` (or ``limit``)."""
