@@ -69,6 +69,9 @@ HDR_F_NEEDS_CSUM = 1
 GSO_NONE = 0
 NUM_BUFFERS_OFFSET = 10
 
+#: the receive header when one buffer holds the whole frame (no offloads, num_buffers 1)
+_HDR_ONE_BUFFER = HDR.pack(0, GSO_NONE, 0, 0, 0, 0, 1)
+
 ETH_HLEN = 14
 VLAN_HLEN = 4
 MIN_MTU, MAX_MTU = 68, 65535
@@ -251,16 +254,30 @@ class VirtioNet:
                     continue
                 break
             done.append((chain.head, 0))  # a transmit chain has nothing for the device to write
-            reader = ChainReader(memory, chain.readable)
-            length = reader.remaining - HDR_SIZE
-            if length < ETH_HLEN or length > max_frame:
-                counters.tx_malformed_frames += 1
-                continue
-            flags, gso_type = reader.read_struct(HDR)[:2]
+            readable = chain.readable
+            if len(readable) == 1:
+                # Header and frame in one buffer (the common layout): one read, no cursor.
+                addr, total = readable[0]
+                length = total - HDR_SIZE
+                if length < ETH_HLEN or length > max_frame:
+                    counters.tx_malformed_frames += 1
+                    continue
+                data = memory.read(addr, total)
+                flags, gso_type = data[0], data[1]
+                frame = data[HDR_SIZE:]
+            else:
+                reader = ChainReader(memory, readable)
+                length = reader.remaining - HDR_SIZE
+                if length < ETH_HLEN or length > max_frame:
+                    counters.tx_malformed_frames += 1
+                    continue
+                flags, gso_type = reader.read_struct(HDR)[:2]
+                frame = None
             if flags & HDR_F_NEEDS_CSUM or gso_type != GSO_NONE:
                 counters.tx_malformed_frames += 1  # offloads were not offered
                 continue
-            frame = reader.read(length)
+            if frame is None:
+                frame = reader.read(length)
             if frame[6:12] != self.mac:
                 counters.tx_spoofed_mac_count += 1
                 if self.mac_filter:
@@ -365,10 +382,24 @@ class VirtioNet:
                 chain = q.pop()
         return chain
 
+    def _deliver_into_one_buffer(self, q, chain, frame: bytes) -> bool:
+        """The common case: the chain's first writable buffer takes header and frame."""
+        addr, size = chain.writable[0]
+        need = HDR_SIZE + len(frame)
+        self._memory.view(addr, need)[:] = _HDR_ONE_BUFFER + frame
+        q.push(chain.head, need)
+        counters = self.counters
+        counters.rx_packets_count += 1
+        counters.rx_bytes_count += len(frame)
+        return True
+
     def _deliver_single(self, q, frame: bytes) -> bool | None:
         chain = self._pop_rx(q)
         if chain is None:
             return None
+        writable = chain.writable
+        if writable and writable[0][1] >= HDR_SIZE + len(frame):
+            return self._deliver_into_one_buffer(q, chain, frame)
         writer = ChainWriter(self._memory, chain.writable)
         need = HDR_SIZE + len(frame)
         if writer.remaining < need:
@@ -386,6 +417,10 @@ class VirtioNet:
         taken: list[tuple[object, ChainWriter, int]] = []  # (chain, writer, bytes it takes)
         while need > 0:
             chain = self._pop_rx(q)
+            if not taken and chain is not None:
+                writable = chain.writable
+                if writable and writable[0][1] >= need:  # one buffer takes it all: num_buffers 1
+                    return self._deliver_into_one_buffer(q, chain, frame)
             if chain is None:
                 for earlier, _, _ in reversed(taken):  # not enough room: give them all back
                     q.unpop(earlier.head)

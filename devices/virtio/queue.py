@@ -264,6 +264,13 @@ class SplitQueue:
         everything it touches per descriptor is a local."""
         contains = self.memory.contains
         unpack = _DESC.unpack_from
+        # A chain of one plain descriptor (a network buffer, most often): the
+        # same checks as below, without the loop's bookkeeping.
+        addr, length, flags, _nxt = unpack(self._desc, DESC_SIZE * head)
+        if not flags & (DESC_F_NEXT | DESC_F_INDIRECT) and addr + length <= U64_LIMIT and contains(addr, length):
+            if flags & DESC_F_WRITE:
+                return DescriptorChain(head, (), ((addr, length),)), length
+            return DescriptorChain(head, ((addr, length),), ()), 0
         max_chain = self.max_chain
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
