@@ -380,6 +380,10 @@ class VirtioNet:
             q.set_notification(True)  # the next buffers the driver adds kick us
             if q.has_available():
                 chain = q.pop()
+        if chain is not None and chain.readable:
+            # Receive buffers are the device's to write; QEMU calls this a
+            # driver error too (virtio_error: no in buffers) rather than a drop.
+            raise VirtqueueError(f"receive chain at head {chain.head} has a device-readable buffer")
         return chain
 
     def _deliver_into_one_buffer(self, q, chain, frame: bytes) -> bool:

@@ -101,6 +101,34 @@ async def test_a_guest_that_never_posts_buffers_costs_bounded_memory():
         assert grown < 2 << 20  # the 1 MiB hold bound plus bookkeeping
 
 
+
+async def test_a_hostile_guest_gets_needs_reset_while_its_neighbours_go_on():
+    """nethostile breaks the ring rules six ways (bad address, length, loop, avail.idx, head, a
+    read-only receive buffer) on the switch where a and b ping; each is refused with NEEDS_RESET,
+    the hostile guest recovers after a reset, and the neighbours lose nothing."""
+    async with Switch("br0") as sw, Machine(name="h") as h:
+        nic_h = h.add_nic(sw, "02:00:00:00:00:0e")
+        h.load("nethostile", cmdline="cpl=3 wait_ms=5000")
+        hostile = asyncio.create_task(h.run(timeout=120))
+
+        async def frame_when_rx_is_armed():
+            while b"rxro armed" not in h.console.output:
+                await asyncio.sleep(0.005)
+            sw.ports["h"].send(bytes.fromhex("ffffffffffff" "02000000000b" "88b5") + bytes(46))
+
+        arm = asyncio.create_task(frame_when_rx_is_armed())
+        status, out, counters, fdb = await ping_pair(sw, count=100)
+        await arm
+        hostile_status = await hostile
+        h_out = h.console.output.decode()
+        h_stats = h.stats()["devices"]["net-h"]
+    assert status.code == 0 and "ping: 100/100 replies" in out, out
+    assert counters["tx_packets_count"] == counters["rx_packets_count"] == 101
+    assert hostile_status.code == 0, h_out
+    assert "6/6 modes reset, good frame after reset sent" in h_out
+    assert h_stats["transport"]["needs_reset"] == 6
+    assert nic_h.counters.rx_dropped_bad_ring == 1 and nic_h.counters.tx_packets_count == 1
+
 STP_TIMERS = {"hello_time": 1.0, "max_age": 6.0, "forward_delay": 2.0}  # the fastest Linux allows
 
 

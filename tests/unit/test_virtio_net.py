@@ -308,6 +308,17 @@ def test_a_hostile_receive_ring_means_needs_reset_not_an_exception():
     assert not nic.device.receive(frame()) or nic.c.rx_held >= 1  # no exception, bounded either way
 
 
+
+@pytest.mark.parametrize("mrg", [False, True])
+def test_a_receive_chain_with_a_device_readable_buffer_means_needs_reset(mrg):
+    """As QEMU (virtio_error): the driver gave the device a buffer it may not write."""
+    nic = Nic(mrg=mrg)
+    nic.rx.add([bytes(1526)], [])
+    nic.w(mmio.QUEUE_NOTIFY, 0)
+    assert not nic.device.receive(frame())
+    assert nic.r(mmio.STATUS) & mmio.NEEDS_RESET and nic.c.rx_dropped_bad_ring == 1
+    assert nic.c.rx_packets_count == 0 and nic.c.rx_dropped_buffer_too_small == 0
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)), max_size=12),
        st.lists(st.integers(1, 3000), max_size=12), st.booleans())
