@@ -140,7 +140,7 @@ class Switch:
                 self.bridge.remove_port(name)
             raise ConfigError(f"switch {self.name}, port {name}: {exc}") from None
         self.ports[name] = port
-        port.attach(lambda frame, name=name: self._incoming(name, frame),
+        port.attach(lambda frames, name=name: self._incoming(name, frames),
                     lambda up, name=name: self._send(self.bridge.set_port_link(name, up, self._now())))
         if not port.link_up:
             self._send(self.bridge.set_port_link(name, False, self._now()))
@@ -194,23 +194,50 @@ class Switch:
         return a, b
 
     # -- the frame path -------------------------------------------------------------------------
-    def _incoming(self, name: str, frame: bytes) -> None:
+    def _incoming(self, name: str, frames: list[bytes]) -> None:
+        """A batch from port ``name``: through the bridge frame by frame, then
+        out to each port as one batch (a port's frames keep their order)."""
         writer = self._captures.get(name)
         if writer is not None:
-            writer.write(frame, time.time())
-        self._send(self.bridge.receive(name, frame, self._now()))
+            stamp = time.time()
+            for frame in frames:
+                writer.write(frame, stamp)
+        receive, now = self.bridge.receive, self._now()
+        if len(frames) == 1:
+            self._send(receive(name, frames[0], now))
+            return
+        out: list[tuple[str, bytes]] = []
+        for frame in frames:
+            out += receive(name, frame, now)
+        self._send(out)
 
     def _send(self, out: list[tuple[str, bytes]]) -> None:
-        ports, captures = self.ports, self._captures
+        if not out:
+            return
+        if len(out) == 1:
+            name, frame = out[0]
+            self._send_to(name, [frame])
+            return
+        batches: dict[str, list[bytes]] = {}
         for name, frame in out:
-            port = ports.get(name)
-            if port is None:
-                continue
-            if captures:
-                writer = captures.get(name)
-                if writer is not None:
-                    writer.write(frame, time.time())
-            port.send(frame)
+            batch = batches.get(name)
+            if batch is None:
+                batches[name] = [frame]
+            else:
+                batch.append(frame)
+        for name, frames in batches.items():
+            self._send_to(name, frames)
+
+    def _send_to(self, name: str, frames: list[bytes]) -> None:
+        port = self.ports.get(name)
+        if port is None:
+            return
+        writer = self._captures.get(name) if self._captures else None
+        if writer is not None:
+            stamp = time.time()
+            for frame in frames:
+                writer.write(frame, stamp)
+        port.send_many(frames)
 
     # -- introspection and capture ---------------------------------------------------------------
     def capture(self, port: str, path) -> None:

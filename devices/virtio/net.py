@@ -133,8 +133,10 @@ class NetCounters:
 
 
 class VirtioNet:
-    """A virtio-net device.  ``connect(on_tx)`` gives it somewhere to send;
-    ``receive(frame)`` gives the guest a frame.  Lives on the asyncio loop."""
+    """A virtio-net device.  ``connect(on_tx)`` gives it somewhere to send
+    (``on_tx(frames)`` gets each transmit notify's frames as one list);
+    ``receive_many(frames)`` and ``receive(frame)`` give the guest frames.
+    Lives on the asyncio loop."""
 
     device_id = DEVICE_ID_NET
     kind = "virtio-net"
@@ -142,7 +144,7 @@ class VirtioNet:
 
     def __init__(self, mac: str | bytes, *, mtu: int = 1500, mac_filter: bool = False,
                  rx_hold_frames: int = RX_HOLD_FRAMES, rx_hold_bytes: int = RX_HOLD_BYTES,
-                 on_tx: Callable[[bytes], None] | None = None) -> None:
+                 on_tx: Callable[[list[bytes]], None] | None = None) -> None:
         self.mac = parse_mac(mac)
         if isinstance(mtu, bool) or not isinstance(mtu, int) or not MIN_MTU <= mtu <= MAX_MTU:
             raise ConfigError(f"MTU {mtu!r} is out of range [{MIN_MTU}, {MAX_MTU}]")
@@ -168,8 +170,9 @@ class VirtioNet:
         self.on_close: list[Callable[[], None]] = []
 
     # -- wiring ---------------------------------------------------------------------------
-    def connect(self, on_tx: Callable[[bytes], None] | None) -> None:
-        """Where transmitted frames go (None: nowhere; they are counted and dropped)."""
+    def connect(self, on_tx: Callable[[list[bytes]], None] | None) -> None:
+        """Where transmitted frames go, a batch per notify (None: nowhere; they
+        are counted and dropped)."""
         self._on_tx = on_tx
 
     def set_link(self, up: bool) -> None:
@@ -288,35 +291,53 @@ class VirtioNet:
             q.push_many(done)
             if q.needs_notification():
                 self._interrupt.trigger(InterruptKind.USED_BUFFER)
-        for frame in frames:
-            self._send(frame)
+        if frames:
+            self._send(frames)
 
-    def _send(self, frame: bytes) -> None:
+    def _send(self, frames: list[bytes]) -> None:
         counters = self.counters
         if not self.link_up:
-            counters.tx_dropped_link_down += 1
+            counters.tx_dropped_link_down += len(frames)
             return
         if self._on_tx is None:
-            counters.tx_dropped_unconnected += 1
+            counters.tx_dropped_unconnected += len(frames)
             return
-        counters.tx_packets_count += 1
-        counters.tx_bytes_count += len(frame)
-        self._on_tx(frame)
+        counters.tx_packets_count += len(frames)
+        counters.tx_bytes_count += sum(map(len, frames))
+        self._on_tx(frames)
 
     # -- receive -------------------------------------------------------------------------
     def receive(self, frame: bytes) -> bool:
         """Give the guest a frame.  True if it was delivered or held, False if dropped."""
+        return self.receive_many([frame])[0] == 1
+
+    def receive_many(self, frames: list[bytes]) -> tuple[int, int]:
+        """Give the guest frames, in order: (frames, bytes) delivered or held;
+        the rest were dropped and counted.  The used ring moves, and the
+        driver is interrupted if it asked, once for the batch."""
         counters = self.counters
         if not self.link_up:
-            counters.rx_dropped_link_down += 1
-            return False
+            counters.rx_dropped_link_down += len(frames)
+            return 0, 0
         if self._held and self._rxq is not None:
             self._flush_held()  # order: frames held earlier go first
-        if not self._held and self._rxq is not None:
-            delivered = self._deliver_and_signal(frame)
-            if delivered is not None:
-                return delivered
-        return self._hold(frame)
+        accepted = accepted_bytes = 0
+        used: list[tuple[int, int]] = []  # one-buffer deliveries, pushed together
+        try:
+            for frame in frames:
+                if self._held or self._rxq is None:
+                    result = self._hold(frame)
+                else:
+                    result = self._deliver(frame, used)
+                    if result is None:
+                        result = self._hold(frame)
+                if result:
+                    accepted += 1
+                    accepted_bytes += len(frame)
+        finally:
+            self._publish_rx(used)
+            self._signal_rx()
+        return accepted, accepted_bytes
 
     def _hold(self, frame: bytes) -> bool:
         counters = self.counters
@@ -335,9 +356,10 @@ class VirtioNet:
         if self._rxq is None or not self._held:
             return
         delivered = 0
+        used: list[tuple[int, int]] = []
         try:
             while self._held:
-                result = self._deliver(self._held[0])
+                result = self._deliver(self._held[0], used)
                 if result is None:
                     break  # still no room: wait for the next kick
                 frame = self._held.popleft()
@@ -345,29 +367,32 @@ class VirtioNet:
                 delivered += 1
         finally:
             self.counters.rx_held = len(self._held)
+            self._publish_rx(used)
             if delivered:
                 self._signal_rx()
 
-    def _deliver_and_signal(self, frame: bytes) -> bool | None:
-        result = self._deliver(frame)
-        if result is not None:
-            self._signal_rx()
-        return result
+    def _publish_rx(self, used: list[tuple[int, int]]) -> None:
+        """Make a batch's buffers used at once, in the order they were filled
+        (so frames reach the guest in order)."""
+        q = self._rxq
+        if used and q is not None:  # None: the ring failed midway; the reset discards it all
+            q.push_many(used)
 
     def _signal_rx(self) -> None:
         q = self._rxq
         if q is not None and q.needs_notification():
             self._interrupt.trigger(InterruptKind.USED_BUFFER)
 
-    def _deliver(self, frame: bytes) -> bool | None:
+    def _deliver(self, frame: bytes, used: list) -> bool | None:
         """Put one frame into receive buffers: True delivered, False dropped
         (a buffer too small), None when there are too few buffers (nothing
-        consumed; the caller holds the frame)."""
+        consumed; the caller holds the frame).  The buffers it fills (or
+        gives back empty) are appended to ``used`` for the caller to push."""
         q = self._rxq
         try:
             if self._mrg:
-                return self._deliver_merged(q, frame)
-            return self._deliver_single(q, frame)
+                return self._deliver_merged(q, frame, used)
+            return self._deliver_single(q, frame, used)
         except VirtqueueError as exc:
             self.counters.rx_dropped_bad_ring += 1
             self._rxq = None  # the ring is hostile: stop using it until the reset
@@ -386,37 +411,37 @@ class VirtioNet:
             raise VirtqueueError(f"receive chain at head {chain.head} has a device-readable buffer")
         return chain
 
-    def _deliver_into_one_buffer(self, q, chain, frame: bytes) -> bool:
+    def _deliver_into_one_buffer(self, q, chain, frame: bytes, used: list) -> bool:
         """The common case: the chain's first writable buffer takes header and frame."""
         addr, size = chain.writable[0]
         need = HDR_SIZE + len(frame)
         self._memory.view(addr, need)[:] = _HDR_ONE_BUFFER + frame
-        q.push(chain.head, need)
+        used.append((chain.head, need))
         counters = self.counters
         counters.rx_packets_count += 1
         counters.rx_bytes_count += len(frame)
         return True
 
-    def _deliver_single(self, q, frame: bytes) -> bool | None:
+    def _deliver_single(self, q, frame: bytes, used: list) -> bool | None:
         chain = self._pop_rx(q)
         if chain is None:
             return None
         writable = chain.writable
         if writable and writable[0][1] >= HDR_SIZE + len(frame):
-            return self._deliver_into_one_buffer(q, chain, frame)
+            return self._deliver_into_one_buffer(q, chain, frame, used)
         writer = ChainWriter(self._memory, chain.writable)
         need = HDR_SIZE + len(frame)
         if writer.remaining < need:
-            q.push(chain.head, 0)
+            used.append((chain.head, 0))
             self.counters.rx_dropped_buffer_too_small += 1
             return False
         writer.write(HDR.pack(0, GSO_NONE, 0, 0, 0, 0, 1))
         writer.write(frame)
-        q.push(chain.head, need)
+        used.append((chain.head, need))
         self._count_rx(frame)
         return True
 
-    def _deliver_merged(self, q, frame: bytes) -> bool | None:
+    def _deliver_merged(self, q, frame: bytes, used: list) -> bool | None:
         need = HDR_SIZE + len(frame)
         taken: list[tuple[object, ChainWriter, int]] = []  # (chain, writer, bytes it takes)
         while need > 0:
@@ -424,14 +449,14 @@ class VirtioNet:
             if not taken and chain is not None:
                 writable = chain.writable
                 if writable and writable[0][1] >= need:  # one buffer takes it all: num_buffers 1
-                    return self._deliver_into_one_buffer(q, chain, frame)
+                    return self._deliver_into_one_buffer(q, chain, frame, used)
             if chain is None:
                 for earlier, _, _ in reversed(taken):  # not enough room: give them all back
                     q.unpop(earlier.head)
                 return None
             writer = ChainWriter(self._memory, chain.writable)
             if not taken and writer.remaining < HDR_SIZE:
-                q.push(chain.head, 0)  # the header must fit in the first buffer
+                used.append((chain.head, 0))  # the header must fit in the first buffer
                 self.counters.rx_dropped_buffer_too_small += 1
                 return False
             take = min(writer.remaining, need)
@@ -442,7 +467,7 @@ class VirtioNet:
         for _chain, writer, take in taken:
             writer.write(data[pos:pos + take])
             pos += take
-        q.push_many([(chain.head, take) for chain, _, take in taken])
+        used += [(chain.head, take) for chain, _, take in taken]  # used together: one push
         self._count_rx(frame)
         return True
 

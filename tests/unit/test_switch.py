@@ -55,6 +55,27 @@ async def test_two_nics_talk_and_the_fdb_learns_both():
         assert counters["h1"]["rx_frames"] == 1 and counters["h1"]["tx_frames"] == 1
 
 
+
+async def test_one_transmit_notify_crosses_the_switch_as_one_batch_per_port():
+    async with Switch("sw") as sw:
+        a, b, c = Host(sw, 1), Host(sw, 2), Host(sw, 3)
+        b.send(BROADCAST), c.send(BROADCAST)  # the FDB learns b and c
+        a.got(), b.got(), c.got()
+        calls = {"h2": [], "h3": []}
+        for name in calls:
+            port = sw.ports[name]
+            real = port.send_many
+            port.send_many = lambda frames, real=real, name=name: calls[name].append(len(frames)) or real(frames)
+        to_b = [eth(bytes.fromhex(b.mac.replace(":", "")), a.mac, bytes([i]) * 46) for i in range(5)]
+        to_c = [eth(bytes.fromhex(c.mac.replace(":", "")), a.mac, bytes([i]) * 46) for i in range(3)]
+        batch = [to_b[0], to_c[0], to_b[1], to_b[2], to_c[1], to_b[3], to_c[2], to_b[4]]
+        for frame in batch:
+            a.nic.tx.add([bytes(12), frame], [])
+        a.nic.w(0x50, 1)  # QueueNotify: the whole ring in one notify
+        assert calls == {"h2": [5], "h3": [3]}
+        assert b.got() == to_b and c.got() == to_c  # each port's frames in order
+        assert b.nic.irqs <= 2 and sw.counters()["ports"]["h2"]["tx_frames"] == 6
+
 async def test_vlans_isolate_and_a_capture_shows_it(tmp_path):
     async with Switch("sw", vlan_filtering=True) as sw:
         a, b, c = Host(sw, 1, vlan=10), Host(sw, 2, vlan=10), Host(sw, 3, vlan=20)

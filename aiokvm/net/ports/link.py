@@ -45,11 +45,10 @@ class LinkPort(SwitchPort):
     def _flush(self) -> None:
         self._scheduled = False
         queue, peer = self._queue, self.peer
-        # What is queued now; frames queued meanwhile wait for the next turn.
-        for _ in range(len(queue)):
-            frame = queue.popleft()
-            if peer is not None:
-                peer.incoming(frame)
+        # What is queued now, as one batch; frames queued meanwhile wait for the next turn.
+        frames = [queue.popleft() for _ in range(len(queue))]
+        if peer is not None and frames:
+            peer.incoming_many(frames)
 
     def unplug(self) -> None:
         """Pull the cable: both ends lose carrier."""

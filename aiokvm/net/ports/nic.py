@@ -15,14 +15,20 @@ class NicPort(SwitchPort):
     def __init__(self, name: str, device) -> None:
         super().__init__(name)
         self.device = device
-        device.connect(self.incoming)
+        device.connect(self.incoming_many)
 
     def send(self, frame: bytes) -> bool:
-        if self.device.receive(frame):
-            self._sent(frame)
-            return True
-        self.counters.drops["guest"] += 1  # link down, no room: the device's counters say which
-        return False
+        return self.send_many([frame]) == 1
+
+    def send_many(self, frames: list[bytes]) -> int:
+        accepted, accepted_bytes = self.device.receive_many(frames)
+        counters = self.counters
+        counters.tx_frames += accepted
+        counters.tx_bytes += accepted_bytes
+        if accepted < len(frames):
+            # link down, no room: the device's counters say which
+            counters.drops["guest"] += len(frames) - accepted
+        return accepted
 
     def set_link(self, up: bool) -> None:
         self.device.set_link(up)  # the guest sees the carrier too
