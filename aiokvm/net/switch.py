@@ -62,6 +62,7 @@ class Switch:
         self.ports: dict[str, SwitchPort] = {}
         self._captures: dict[str, PcapWriter] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._started_at = 0.0  # the loop's time at start(): the bridge's clock starts at 0 there
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick_s = TICK_S_STP if stp else TICK_S
         self._closed = False
@@ -82,6 +83,7 @@ class Switch:
         if self._closed:
             raise ConfigError(f"switch {self.name} is closed")
         self._loop = asyncio.get_running_loop()
+        self._started_at = self._loop.time()
         self._schedule_tick()
 
     async def aclose(self) -> None:
@@ -100,7 +102,9 @@ class Switch:
         self._captures.clear()
 
     def _now(self) -> float:
-        return self._loop.time() if self._loop is not None else 0.0
+        """Seconds since start(), the bridge's clock: entries made before it
+        (the bridge's own address) are then not aged by the loop's epoch."""
+        return self._loop.time() - self._started_at if self._loop is not None else 0.0
 
     def _schedule_tick(self) -> None:
         self._tick_handle = self._loop.call_later(self._tick_s, self._tick)

@@ -152,3 +152,10 @@ def test_a_cable_outside_a_switch_counts_what_it_cannot_deliver():
     a, b = cable("a", "b")
     b.unplug()
     assert not a.send(b"x" * 60) and a.counters.drops["unplugged"] == 1
+
+
+async def test_the_bridge_address_is_not_aged_by_the_loops_epoch():
+    async with Switch("sw") as sw:
+        await asyncio.sleep(0.05)
+        [own] = sw.fdb()
+        assert own.kind == "permanent" and own.port is None and own.age < 5.0
