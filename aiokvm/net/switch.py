@@ -151,6 +151,21 @@ class Switch:
         self._log.info("port added", port=name, kind=port.kind, vlan=vlan)
         return port
 
+    async def open_port(self, spec: str, **flags) -> SwitchPort:
+        """Open a port to the outside from a spec (``tap:tap0``, ``stream:unix:PATH,server``,
+        ``vxlan:42,remote=IP``...; see ``ports/spec.py``) and attach it.  ``ConfigError``
+        with what to do if it cannot be opened; nothing is left half-made."""
+        from .ports.spec import port_from_spec
+
+        port, parsed = port_from_spec(spec)
+        self.check_port_name(port.name)
+        await port.open()
+        try:
+            return self.add_port(port, vlan=parsed.vlan, **flags)
+        except BaseException:
+            await port.aclose()
+            raise
+
     def add_nic(self, device, *, port: str, vlan: int | None = None, **flags) -> NicPort:
         """A VM's virtio-net device as port ``port`` (what ``Machine.add_nic`` calls).
         The port goes away when the device closes (its machine closes)."""

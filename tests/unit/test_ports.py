@@ -1,0 +1,163 @@
+"""Ports to the outside, against raw sockets on loopback and unix paths:
+framing, reassembly, bounds, link state, and the spec parser."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+
+from aiokvm.errors import ConfigError
+from aiokvm.net import Switch
+from aiokvm.net.ports.spec import parse_port_spec, port_from_spec
+
+FRAME = bytes.fromhex("02000000000b" "02000000000a" "88b5") + bytes(range(46))
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+class Sink:
+    """A port on the switch that records what reaches it (the far side of a frame's path)."""
+
+    def __init__(self, sw: Switch, name: str = "sink") -> None:
+        from aiokvm.net.ports.base import SwitchPort
+
+        class _Port(SwitchPort):
+            kind = "sink"
+
+            def send(inner, frame: bytes) -> bool:  # noqa: N805 - the port's own self is `inner`
+                self.frames.append(frame)
+                return True
+
+        self.frames: list[bytes] = []
+        self.port = sw.add_port(_Port(name))
+
+
+async def test_stream_frames_are_reassembled_across_any_split(tmp_path):
+    path = str(tmp_path / "s.sock")
+    async with Switch("sw") as sw:
+        sink = Sink(sw)
+        port = await sw.open_port(f"stream:unix:{path},server,name=peer")
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await asyncio.to_thread(peer.connect, path)
+        await wait_for(lambda: port.link_up)
+        frames = [FRAME[:12] + b"\x88\xb5" + bytes([i]) * (46 + 37 * i) for i in range(20)]
+        wire = b"".join(struct.pack(">I", len(f)) + f for f in frames)
+        for i in range(0, len(wire), 7):  # 7-byte pieces: lengths and frames cut everywhere
+            peer.send(wire[i:i + 7])
+            await asyncio.sleep(0)
+        await wait_for(lambda: len(sink.frames) == 20)
+        assert sink.frames == frames
+        # and back: the switch floods a frame from the sink's side to the peer, length-prefixed
+        sink.port.incoming(bytes.fromhex("ffffffffffff" "02000000000c" "88b5") + b"x" * 46)
+        peer.settimeout(5)
+        got = await asyncio.to_thread(peer.recv, 4096)
+        assert got[:4] == struct.pack(">I", 60) and got[4:10] == b"\xff" * 6
+        peer.close()
+        await wait_for(lambda: not port.link_up)
+
+
+async def test_stream_oversized_length_closes_the_connection_and_counts_it(tmp_path):
+    path = str(tmp_path / "s.sock")
+    async with Switch("sw") as sw:
+        sink = Sink(sw)
+        port = await sw.open_port(f"stream:unix:{path},server,name=peer")
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await asyncio.to_thread(peer.connect, path)
+        await wait_for(lambda: port.link_up)
+        peer.send(struct.pack(">I", 13) + b"r" * 13)  # a runt: dropped, counted, the stream goes on
+        peer.send(struct.pack(">I", len(FRAME)) + FRAME + struct.pack(">I", 4096 + 65536 + 1) + b"junk")
+        await wait_for(lambda: not port.link_up)
+        assert sink.frames == [FRAME]
+        assert port.counters.drops == {"runt": 1, "oversize": 1}
+        peer.settimeout(5)
+        assert await asyncio.to_thread(peer.recv, 10) == b""  # closed by us
+        peer.close()
+
+
+async def test_a_stream_server_takes_one_peer_at_a_time(tmp_path):
+    path = str(tmp_path / "s.sock")
+    async with Switch("sw") as sw:
+        port = await sw.open_port(f"stream:unix:{path},server,name=peer")
+        first, second = (socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2))
+        await asyncio.to_thread(first.connect, path)
+        await wait_for(lambda: port.link_up)
+        await asyncio.to_thread(second.connect, path)
+        await wait_for(lambda: port.refused_connections == 1)
+        second.settimeout(5)
+        assert await asyncio.to_thread(second.recv, 10) == b""
+        first.close(), second.close()
+
+
+async def test_a_stream_port_that_cannot_keep_up_drops_instead_of_buffering_without_bound(tmp_path):
+    path = str(tmp_path / "s.sock")
+    async with Switch("sw") as sw:
+        sink = Sink(sw)
+        port = await sw.open_port(f"stream:unix:{path},server,name=peer")
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # connects and never reads
+        await asyncio.to_thread(peer.connect, path)
+        await wait_for(lambda: port.link_up)
+        big = bytes.fromhex("ffffffffffff" "02000000000c" "88b5") + bytes(1500)
+        for _ in range(5000):  # 7.5 MB at a peer that reads nothing
+            sink.port.incoming(big)
+        assert port.counters.drops["queue_full"] > 0
+        assert port._conn.transport.get_write_buffer_size() <= port.max_buffer + len(big) + 4
+        peer.close()
+
+
+async def test_dgram_ports_carry_one_frame_per_datagram_and_count_runts(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    async with Switch("one") as one, Switch("two") as two:
+        sink1, sink2 = Sink(one), Sink(two)
+        await one.open_port(f"dgram:unix:{a},remote={b},name=d")
+        port2 = await two.open_port(f"dgram:unix:{b},remote={a},name=d")
+        sink1.port.incoming(bytes.fromhex("ffffffffffff") + FRAME[6:])
+        await wait_for(lambda: len(sink2.frames) == 1)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as raw:
+            raw.sendto(b"short", b)
+        await wait_for(lambda: port2.counters.drops.get("runt") == 1)
+        assert sink2.frames[0][6:] == FRAME[6:]
+
+
+@pytest.mark.parametrize("text, why", [
+    ("ftp:x", "give one of"),
+    ("tap:", "nothing after"),
+    ("tap:tap0,vlan=5000", "vlan="),
+    ("tap:tap0,bogus=1", "unknown option 'bogus'"),
+    ("tap:this-name-is-too-long", "not a valid interface name"),
+    ("stream:udp:x", "stream:unix:PATH or stream:tcp"),
+    ("stream:tcp:localhost", "HOST:PORT"),
+    ("dgram:unix:/tmp/a", "remote="),
+    ("vxlan:42", "at least one remote"),
+    ("vxlan:99999999,remote=10.0.0.1", "out of range"),
+    ("vxlan:x,remote=10.0.0.1", "needs a number"),
+    ("stream:unix:/tmp/x,server=yes", "takes no value"),
+])
+def test_bad_port_specs_say_what_to_do(text, why):
+    with pytest.raises(ConfigError, match=why):
+        port_from_spec(text)
+
+
+def test_port_spec_common_options():
+    spec = parse_port_spec("vxlan:42,local=127.0.0.1:8472,remote=10.0.0.1,remote=10.0.0.2,name=v,vlan=7")
+    assert (spec.kind, spec.where, spec.name, spec.vlan) == ("vxlan", "42", "v", 7)
+    port, _ = port_from_spec("vxlan:42,local=127.0.0.1:8472,remote=10.0.0.1,remote=10.0.0.2")
+    assert port.local == ("127.0.0.1", 8472) and port.dst_port == 8472 and port.remotes == ["10.0.0.1", "10.0.0.2"]
+
+
+async def test_a_port_that_cannot_open_leaves_nothing_behind(tmp_path):
+    path = tmp_path / "plain-file"
+    path.write_text("not a socket")
+    async with Switch("sw") as sw:
+        with pytest.raises(ConfigError, match="not a socket"):
+            await sw.open_port(f"stream:unix:{path},server")
+        assert sw.ports == {}
