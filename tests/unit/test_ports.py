@@ -42,14 +42,20 @@ class Sink:
         self.port = sw.add_port(_Port(name))
 
 
+async def stream_pair(sw: Switch, path: str):
+    """A sink on ``sw``, a stream server port there, and a raw socket connected to it."""
+    sink = Sink(sw)
+    port = await sw.open_port(f"stream:unix:{path},server,name=peer")
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await asyncio.to_thread(peer.connect, path)
+    await wait_for(lambda: port.link_up)
+    return sink, port, peer
+
+
 async def test_stream_frames_are_reassembled_across_any_split(tmp_path):
     path = str(tmp_path / "s.sock")
     async with Switch("sw") as sw:
-        sink = Sink(sw)
-        port = await sw.open_port(f"stream:unix:{path},server,name=peer")
-        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await asyncio.to_thread(peer.connect, path)
-        await wait_for(lambda: port.link_up)
+        sink, port, peer = await stream_pair(sw, path)
         frames = [FRAME[:12] + b"\x88\xb5" + bytes([i]) * (46 + 37 * i) for i in range(20)]
         wire = b"".join(struct.pack(">I", len(f)) + f for f in frames)
         for i in range(0, len(wire), 7):  # 7-byte pieces: lengths and frames cut everywhere
@@ -69,11 +75,7 @@ async def test_stream_frames_are_reassembled_across_any_split(tmp_path):
 async def test_stream_oversized_length_closes_the_connection_and_counts_it(tmp_path):
     path = str(tmp_path / "s.sock")
     async with Switch("sw") as sw:
-        sink = Sink(sw)
-        port = await sw.open_port(f"stream:unix:{path},server,name=peer")
-        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await asyncio.to_thread(peer.connect, path)
-        await wait_for(lambda: port.link_up)
+        sink, port, peer = await stream_pair(sw, path)
         peer.send(struct.pack(">I", 13) + b"r" * 13)  # a runt: dropped, counted, the stream goes on
         peer.send(struct.pack(">I", len(FRAME)) + FRAME + struct.pack(">I", 4096 + 65536 + 1) + b"junk")
         await wait_for(lambda: not port.link_up)
@@ -101,11 +103,7 @@ async def test_a_stream_server_takes_one_peer_at_a_time(tmp_path):
 async def test_a_stream_port_that_cannot_keep_up_drops_instead_of_buffering_without_bound(tmp_path):
     path = str(tmp_path / "s.sock")
     async with Switch("sw") as sw:
-        sink = Sink(sw)
-        port = await sw.open_port(f"stream:unix:{path},server,name=peer")
-        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # connects and never reads
-        await asyncio.to_thread(peer.connect, path)
-        await wait_for(lambda: port.link_up)
+        sink, port, peer = await stream_pair(sw, path)  # a peer that never reads
         big = bytes.fromhex("ffffffffffff" "02000000000c" "88b5") + bytes(1500)
         for _ in range(5000):  # 7.5 MB at a peer that reads nothing
             sink.port.incoming(big)

@@ -53,7 +53,7 @@ class DgramPort(FramedFdPort):
             sock.close()
             raise ConfigError(f"cannot bind {self.describe}: {exc.strerror or exc}") from None
         self._sock = sock
-        self._start_io(sock.fileno())
+        self._start_io(sock.fileno(), sock)
         return self
 
     @property
@@ -70,12 +70,9 @@ class DgramPort(FramedFdPort):
         return {**super().metrics(), "peer": self.describe}
 
     async def aclose(self) -> None:
-        self._stop_io()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-            self._fd = -1
-            if self.family == socket.AF_UNIX:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.local)
+        if self._sock is not None and self.family == socket.AF_UNIX:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.local)
+        self._close_io()
+        self._sock = None
         await super().aclose()

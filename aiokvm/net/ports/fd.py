@@ -43,6 +43,7 @@ class FramedFdPort(SwitchPort):
         self._out: deque[bytes] = deque()
         self._out_limit = out_queue
         self._writer_armed = False
+        self._owner = None
         self.errors: dict[str, int] = {}
 
     # -- what a subclass provides ---------------------------------------------------------
@@ -61,9 +62,12 @@ class FramedFdPort(SwitchPort):
         return data
 
     # -- the loop side ----------------------------------------------------------------------
-    def _start_io(self, fd: int) -> None:
+    def _start_io(self, fd: int, owner=None) -> None:
+        """Serve ``fd`` on the running loop; ``owner`` (a socket) is what to close
+        with the port, else the fd itself is closed."""
         self._loop = asyncio.get_running_loop()
         self._fd = fd
+        self._owner = owner
         os.set_blocking(fd, False)
         self._loop.add_reader(fd, self._on_readable)
 
@@ -74,6 +78,16 @@ class FramedFdPort(SwitchPort):
                 self._loop.remove_writer(self._fd)
         self._writer_armed = False
         self._out.clear()
+
+    def _close_io(self) -> None:
+        """Stop serving the fd and close it (or its owner)."""
+        self._stop_io()
+        if self._fd >= 0:
+            if self._owner is not None:
+                self._owner.close()
+            else:
+                os.close(self._fd)
+        self._fd, self._owner = -1, None
 
     def _count_error(self, what: str, exc: OSError) -> None:
         key = f"{what}_{errno_name(exc)}"

@@ -106,10 +106,7 @@ class TapPort(FramedFdPort):
         if self._poll is not None:
             self._poll.cancel()
             self._poll = None
-        self._stop_io()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close_io()
         if self._flags_socket is not None:
             self._flags_socket.close()
             self._flags_socket = None

@@ -20,7 +20,6 @@ stretched across hosts over UDP.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 from ...errors import ConfigError
@@ -74,7 +73,7 @@ class VxlanPort(FramedFdPort):
             raise ConfigError(f"cannot bind VXLAN port {self.local[0]}:{self.local[1]}: {exc.strerror or exc}"
                               " (another VTEP there? give local=IP:PORT)") from None
         self._sock = sock
-        self._start_io(sock.fileno())
+        self._start_io(sock.fileno(), sock)
         return self
 
     @property
@@ -153,10 +152,6 @@ class VxlanPort(FramedFdPort):
         return {**super().metrics(), "peer": self.describe, "learned": len(self._learned), "flooded": self.flooded}
 
     async def aclose(self) -> None:
-        self._stop_io()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-            self._fd = -1
-        await asyncio.sleep(0)
+        self._close_io()
+        self._sock = None
         await super().aclose()
