@@ -7,7 +7,7 @@
     stream:tcp:HOST:PORT[,server][,reconnect=S]
     dgram:unix:LOCAL,remote=PATH                  QEMU -netdev dgram
     dgram:udp:HOST:PORT,remote=HOST:PORT
-    vxlan:VNI[,local=IP[:PORT]],remote=IP[,remote=IP...][,dst_port=N]
+    vxlan:VNI[,local=IP[:PORT]],remote=IP[,remote=IP...][,dst_port=N][,netns=NS]
     vde:DIR                                       join a vde_switch (or an aiokvm switch)
 
 Adding a kind means its module, and one line in ``KINDS``.
@@ -145,7 +145,7 @@ def _vxlan(spec: PortSpec) -> SwitchPort:
     if not remotes or not all(remotes):
         raise spec.error("vxlan needs at least one remote=IP (where unknown destinations are flooded)")
     return VxlanPort(int(spec.where), local=local, remotes=remotes, name=spec.name,
-                     dst_port=int(dst_port) if dst_port else None)
+                     dst_port=int(dst_port) if dst_port else None, netns=spec.take("netns"))
 
 
 def _vde(spec: PortSpec) -> SwitchPort:

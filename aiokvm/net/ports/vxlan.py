@@ -16,6 +16,8 @@ stretched across hosts over UDP.
   like the FDB (``ageing_s``, 300 by default); unknown, broadcast and
   multicast destinations are flooded to the static ``remotes``.  At most
   ``max_learned`` entries: past it nothing new is learned (counted).
+- ``netns=NS`` makes the UDP socket inside a named network namespace (the
+  underlay is there; the switch stays on this loop).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import socket
 
 from ...errors import ConfigError
+from ..netns import run_in_netns
 from .fd import READ_SIZE, FramedFdPort, errno_name
 
 VXLAN_PORT = 4789
@@ -43,7 +46,7 @@ class VxlanPort(FramedFdPort):
 
     def __init__(self, vni: int, *, local: tuple[str, int] = ("0.0.0.0", VXLAN_PORT), remotes: list[str] = (),
                  dst_port: int | None = None, name: str | None = None, ageing_s: float = AGEING_S,
-                 max_learned: int = MAX_LEARNED, **kw) -> None:
+                 max_learned: int = MAX_LEARNED, netns: str | None = None, **kw) -> None:
         if isinstance(vni, bool) or not isinstance(vni, int) or not 0 <= vni < 1 << 24:
             raise ConfigError(f"VXLAN VNI {vni!r} is out of range [0, 16777215]")
         super().__init__(name or f"vxlan{vni}", **kw)
@@ -51,6 +54,7 @@ class VxlanPort(FramedFdPort):
         self.local = local
         self.dst_port = dst_port if dst_port is not None else local[1]
         self.remotes = [str(ip) for ip in remotes]
+        self.netns = netns
         self.ageing_s = ageing_s
         self.max_learned = max_learned
         self._header = vxlan_header(vni)
@@ -63,7 +67,7 @@ class VxlanPort(FramedFdPort):
         remotes = "".join(f",remote={ip}" for ip in self.remotes)
         return f"vxlan:{self.vni},local={self.local[0]}:{self.local[1]}{remotes}"
 
-    async def open(self) -> VxlanPort:
+    def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
@@ -71,7 +75,12 @@ class VxlanPort(FramedFdPort):
         except OSError as exc:
             sock.close()
             raise ConfigError(f"cannot bind VXLAN port {self.local[0]}:{self.local[1]}: {exc.strerror or exc}"
-                              " (another VTEP there? give local=IP:PORT)") from None
+                              " (another VTEP there, or not this host's address? give local=IP:PORT)") from None
+        return sock
+
+    async def open(self) -> VxlanPort:
+        # The underlay socket lives in the namespace it is made in (netns=: another one).
+        sock = run_in_netns(self.netns, self._bind)
         self._sock = sock
         self._start_io(sock.fileno(), sock)
         return self

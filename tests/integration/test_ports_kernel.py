@@ -1,0 +1,162 @@
+"""The host kernel joins aiokvm's switch: a TAP port and a VXLAN port, each
+against the kernel's own devices in network namespaces this test creates and
+removes.  Only addresses inside those namespaces are used."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+
+import pytest
+
+from aiokvm import Machine
+from aiokvm.net import PcapReader, Switch
+from tests.integration.netns import in_ns, netns
+
+pytestmark = [pytest.mark.kvm, pytest.mark.root]
+
+GUEST_MAC = "02:00:00:00:00:0a"
+
+
+async def netecho_vm(sw: Switch, ip: str = "10.0.0.1"):
+    vm = Machine(name="guest")
+    await vm.__aenter__()
+    vm.add_nic(sw, GUEST_MAC)
+    vm.load("netecho", cmdline=f"ip={ip} cpl=3 timeout_ms=0")
+    return vm, asyncio.create_task(vm.run(timeout=120))
+
+
+async def guest_pings(sw: Switch, dst: str, count: int = 10) -> str:
+    async with Machine(name="pinger") as vm:
+        vm.add_nic(sw, "02:00:00:00:00:0b")
+        vm.load("ping", cmdline=f"ip=10.0.0.2 dst={dst} count={count} cpl=3")
+        status = await vm.run(timeout=120)
+        out = vm.console.output.decode()
+    assert status.code == 0, out
+    return out
+
+
+async def test_a_tap_port_in_a_namespace_reaches_the_guest_both_ways(tmp_path):
+    with netns("tap") as ns:
+        async with Switch("br0") as sw:
+            port = await sw.open_port(f"tap:tap0,netns={ns},name=host")
+            assert not port.link_up  # created down, as the kernel makes it
+            in_ns(ns, "ip", "addr", "add", "10.0.0.9/24", "dev", "tap0")
+            in_ns(ns, "ip", "link", "set", "tap0", "up")
+            sw.capture("host", tmp_path / "tap.pcap")
+            vm, echo = await netecho_vm(sw)
+            try:
+                result = await asyncio.to_thread(in_ns, ns, "ping", "-c", "20", "-i", "0.05", "-W", "5", "10.0.0.1",
+                                                 check=False)
+                neigh = in_ns(ns, "ip", "-j", "neigh", "show", "dev", "tap0").stdout
+                out = await guest_pings(sw, "10.0.0.9")
+            finally:
+                vm.stop()
+                await echo
+                await vm.__aexit__(None, None, None)
+            assert port.link_up
+            sw.capture("host", None)
+            in_ns(ns, "ip", "link", "set", "tap0", "down")
+            await asyncio.sleep(1.5)
+            assert not port.link_up  # the host side's state reaches the switch
+    assert " 0% packet loss" in result.stdout and "20 received" in result.stdout, result.stdout
+    assert {row["dst"]: row.get("lladdr") for row in json.loads(neigh)}["10.0.0.1"] == GUEST_MAC
+    assert "ping: 10/10 replies" in out
+    with PcapReader(tmp_path / "tap.pcap") as reader:
+        assert sum(1 for _ in reader) >= 2 * 20 + 2 * 10
+
+
+async def test_tap_errors_are_one_line_config_errors():
+    from aiokvm import ConfigError
+
+    async with Switch("br0") as sw:
+        with pytest.raises(ConfigError, match="no network namespace 'aiokvm-nope'"):
+            await sw.open_port("tap:tap0,netns=aiokvm-nope")
+        with netns("tap") as ns:
+            first = await sw.open_port(f"tap:tap0,netns={ns},name=t1")
+            with pytest.raises(ConfigError, match="tap tap0 is busy"):
+                await sw.open_port(f"tap:tap0,netns={ns},name=t2")
+            in_ns(ns, "ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth1")
+            with pytest.raises(ConfigError, match="veth0 exists and is not a tap"):
+                await sw.open_port(f"tap:veth0,netns={ns},name=t3")
+            await sw.remove_port(first.name)
+            assert set(sw.ports) == set()
+
+
+def vxlan_underlay(ours: str, theirs: str):
+    """Two namespaces joined by a veth pair: 10.99.0.1 (ours: our VTEP's socket) and 10.99.0.2 (theirs)."""
+    in_ns(ours, "ip", "link", "add", "u0", "type", "veth", "peer", "name", "u1", "netns", theirs)
+    in_ns(ours, "ip", "addr", "add", "10.99.0.1/24", "dev", "u0")
+    in_ns(ours, "ip", "link", "set", "u0", "up")
+    in_ns(theirs, "ip", "addr", "add", "10.99.0.2/24", "dev", "u1")
+    in_ns(theirs, "ip", "link", "set", "u1", "up")
+
+
+@pytest.mark.parametrize("udp_port", [4789, 8472])
+async def test_our_vxlan_port_and_a_linux_vxlan_device_carry_a_ping(udp_port, tmp_path):
+    with netns("vx") as ours, netns("vx") as theirs:
+        vxlan_underlay(ours, theirs)
+        in_ns(theirs, "ip", "link", "add", "vxlan0", "type", "vxlan", "id", "42", "dstport", str(udp_port),
+              "local", "10.99.0.2", "dev", "u1")
+        in_ns(theirs, "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vxlan0", "dst", "10.99.0.1")
+        in_ns(theirs, "ip", "addr", "add", "10.0.0.9/24", "dev", "vxlan0")
+        in_ns(theirs, "ip", "link", "set", "vxlan0", "up")
+        async with Switch("br0") as sw:
+            port = await sw.open_port(f"vxlan:42,local=10.99.0.1:{udp_port},remote=10.99.0.2,netns={ours},name=vx")
+            vm, echo = await netecho_vm(sw)
+            try:
+                result = await asyncio.to_thread(in_ns, theirs, "ping", "-c", "20", "-i", "0.05", "-W", "5",
+                                                 "10.0.0.1", check=False)
+                out = await guest_pings(sw, "10.0.0.9")
+                fdb = in_ns(theirs, "bridge", "fdb", "show", "dev", "vxlan0").stdout
+            finally:
+                vm.stop()
+                await echo
+                await vm.__aexit__(None, None, None)
+            learned = port.learned()
+            drops = dict(port.counters.drops)
+    assert "20 received" in result.stdout, result.stdout
+    assert "ping: 10/10 replies" in out
+    assert "10.99.0.2" in set(learned.values())  # the kernel side's MAC, learned behind its VTEP
+    assert re.search(rf"{GUEST_MAC} dst 10\.99\.0\.1", fdb), fdb  # Linux learned the guest behind ours
+    assert drops == {}
+
+
+async def test_vxlan_drops_bad_headers_and_other_vnis_as_linux_does():
+    async with Switch("br0") as sw:
+        port = await sw.open_port("vxlan:42,local=127.0.0.1:0,remote=127.0.0.1,name=vx")
+        inner = bytes.fromhex("ffffffffffff" "02000000000c" "88b5") + bytes(46)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            target = ("127.0.0.1", port.bound_port)
+            raw.sendto(bytes.fromhex("0c000000" "00002a00") + inner, target)  # another flag bit
+            raw.sendto(bytes.fromhex("08000000" "00002b00") + inner, target)  # VNI 43
+            raw.sendto(bytes.fromhex("08000000" "00002a01") + inner, target)  # reserved byte set
+            raw.sendto(bytes.fromhex("0800"), target)  # a runt
+            raw.sendto(bytes.fromhex("08000000" "00002a00") + inner, target)  # the good one
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while port.counters.rx_frames < 1 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert port.counters.rx_frames == 1
+        assert dict(port.counters.drops) == {"bad_header": 2, "other_vni": 1, "runt": 1}
+        assert port.learned() == {"02:00:00:00:00:0c": "127.0.0.1"}
+
+
+async def test_two_aiokvm_switches_joined_by_vxlan_carry_a_ping():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+        a.bind(("127.0.0.1", 0)), b.bind(("127.0.0.1", 0))
+        pa, pb = a.getsockname()[1], b.getsockname()[1]
+    async with Switch("one") as one, Switch("two") as two:
+        await one.open_port(f"vxlan:7,local=127.0.0.1:{pa},remote=127.0.0.1,dst_port={pb},name=vx")
+        vx2 = await two.open_port(f"vxlan:7,local=127.0.0.1:{pb},remote=127.0.0.1,dst_port={pa},name=vx")
+        vm, echo = await netecho_vm(one)
+        try:
+            out = await guest_pings(two, "10.0.0.1", count=20)
+        finally:
+            vm.stop()
+            await echo
+            await vm.__aexit__(None, None, None)
+        assert vx2.learned() == {GUEST_MAC: "127.0.0.1"}
+    assert "ping: 20/20 replies" in out
