@@ -2,6 +2,8 @@
 
     aiokvm run GUEST [--memory 64M] [--vcpus N] [--cmdline STR] [--timeout S] [--disk ...] [--net ...]
                [--stats] [--debug] [+ GUEST [options]]...
+    aiokvm switch DIR [--stp] [--vlan-filtering] [--port SPEC]... [--pcap PORT=FILE]
+    aiokvm switch show|fdb|stp|vlan DIR [--json]  |  aiokvm switch pcap DIR PORT FILE|off
     aiokvm info
 
 ``+`` starts another machine in the same process: all share the event loop
@@ -52,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="attach a disk (repeatable); nbd takes nbd+unix:///EXPORT?socket=PATH or "
                           "nbd://127.0.0.1:PORT/EXPORT")
     run.add_argument("--net", action="append", default=[],
-                     metavar="MAC[,switch=NAME][,port=NAME][,vlan=V][,mtu=N][,mac_filter]",
-                     help="attach a virtio-net NIC to an in-process switch (default br0; repeatable)")
+                     metavar="MAC[,switch=NAME][,port=NAME][,vlan=V][,mtu=N][,mac_filter] | vde=DIR,mac=MAC[,vlan=V]",
+                     help="attach a virtio-net NIC to an in-process switch (default br0), or to the switch "
+                          "of `aiokvm switch DIR` (or a vde_switch) in another process (repeatable)")
     run.add_argument("--switch", action="append", default=[], metavar="NAME[,stp][,vlan_filtering]",
                      help="options of an in-process switch the NICs join")
     run.add_argument("--name", help="the machine's name (default vmN; names its switch ports and output)")
@@ -68,6 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stats-json", metavar="FILE",
                      help="write the same as JSON (schema aiokvm.stats/2, docs/stats-schema.md)")
     run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    switch = sub.add_parser(
+        "switch", help="run a switch that VMs in other processes, QEMU and VDE tools join; or ask one",
+        description="aiokvm switch DIR [options]  runs a switch (VDE control socket DIR/ctl, management "
+                    "DIR/mgmt) until interrupted.  aiokvm switch show|fdb|stp|vlan DIR [--json] asks a "
+                    "running one; aiokvm switch pcap DIR PORT FILE|off starts or stops a capture.")
+    switch.add_argument("words", nargs="+", metavar="DIR | show|fdb|stp|vlan DIR | pcap DIR PORT FILE|off")
+    switch.add_argument("--stp", action="store_true", help="run 802.1D STP")
+    switch.add_argument("--vlan-filtering", action="store_true", help="filter by VLAN (802.1Q)")
+    switch.add_argument("--port", action="append", default=[], metavar="SPEC",
+                        help="a port to the outside: tap:IFNAME[,netns=NS], stream:unix:PATH[,server], "
+                             "stream:tcp:HOST:PORT[,server], dgram:..., vxlan:VNI,..., vde:DIR (repeatable)")
+    switch.add_argument("--pcap", action="append", default=[], metavar="PORT=FILE",
+                        help="capture a port from the start (repeatable)")
+    switch.add_argument("--name", help="the switch's name (default: DIR's last part)")
+    switch.add_argument("--json", action="store_true", help="management commands answer in JSON")
+    switch.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop)")
+    switch.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
     sub.add_parser("info", help="show KVM, capabilities and bundled guests")
     return parser
@@ -131,6 +152,25 @@ def _switch_options(all_args) -> dict[str, dict]:
     return options
 
 
+async def _join_vde(stack, vm, net, index: int):
+    """A NIC on a switch in another process: a two-port in-process switch, the
+    NIC on one side and a VDE port to DIR on the other."""
+    import getpass
+    import os
+
+    from .net.ports.vde import VdePort
+    from .net.switch import Switch
+
+    name = vm.name or "vm"
+    description = f"aiokvm {name}: user={getpass.getuser()} pid={os.getpid()}"
+    if net.vlan is not None:
+        description += f" vlan={net.vlan}"
+    switch = await stack.enter_async_context(Switch(f"{name}-vde{index}"))
+    port = await VdePort(net.vde, name="uplink", description=description).open()
+    switch.add_port(port)
+    return switch
+
+
 async def _run(all_args: list) -> int:
     """Run one machine, or several joined by ``+`` on one event loop (and its switches)."""
     from contextlib import AsyncExitStack
@@ -168,6 +208,8 @@ async def _run(all_args: list) -> int:
     switch_options = _switch_options(all_args)
     for _, _, _, nets, _ in plans:
         for net in nets:
+            if net.vde is not None:
+                continue  # its switch is in another process (see _join_vde)
             entry = switch_options.setdefault(net.switch, {"stp": False, "vlan_filtering": False})
             if net.vlan is not None:
                 entry["vlan_filtering"] = True
@@ -183,7 +225,12 @@ async def _run(all_args: list) -> int:
             for spec in disks:
                 backend = pending.pop(0)  # add_disk closes it if attaching fails
                 await vm.add_disk(backend, interface=spec.interface, ioeventfd=not args.no_ioeventfd)
-            for net in nets:
+            for index, net in enumerate(nets):
+                if net.vde is not None:
+                    switch = await _join_vde(stack, vm, net, index)
+                    vm.add_nic(switch, net.mac, port=vm.name or "vm", mtu=net.mtu, mac_filter=net.mac_filter,
+                               ioeventfd=not args.no_ioeventfd)
+                    continue
                 vm.add_nic(switches[net.switch], net.mac, port=net.port, vlan=net.vlan, mtu=net.mtu,
                            mac_filter=net.mac_filter, ioeventfd=not args.no_ioeventfd)
             vm.load(guest, cmdline=args.cmdline)
@@ -346,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             return _info()
+        if args.command == "switch":
+            from .cli_switch import switch_command
+
+            return switch_command(args)
         if args.loop == "uvloop":
             import uvloop
 

@@ -276,6 +276,11 @@ class Switch:
     def fdb(self):
         return self.bridge.fdb(self._now())
 
+    def vlans(self) -> dict:
+        """Per port: its PVID and its VLANs (vid -> egress untagged), like ``bridge vlan show``."""
+        return {name: {"pvid": p.pvid, "vlans": dict(sorted(p.vlans.items()))}
+                for name, p in self.bridge.ports.items()}
+
     def stp_state(self) -> dict:
         return self.bridge.stp_state()
 
