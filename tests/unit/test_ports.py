@@ -159,3 +159,51 @@ async def test_a_port_that_cannot_open_leaves_nothing_behind(tmp_path):
         with pytest.raises(ConfigError, match="not a socket"):
             await sw.open_port(f"stream:unix:{path},server")
         assert sw.ports == {}
+
+
+async def test_the_vde_server_refuses_hostile_requests_and_serves_a_good_one(tmp_path):
+    from aiokvm.net.ports.vde import REQUEST_HEAD, VdePort, pack_sockaddr_un
+    from aiokvm.net.vde_server import VdeServer, prepare_directory
+
+    directory = prepare_directory(str(tmp_path / "sw"))
+    async with Switch("sw", vlan_filtering=True) as sw:
+        server = VdeServer(sw, directory)
+        await server.start()
+        try:
+            client_path = str(tmp_path / "client")
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            client.bind(client_path)
+            bad = [
+                b"short",
+                REQUEST_HEAD.pack(0xDEADBEEF, 3, 0) + pack_sockaddr_un(client_path),  # magic
+                REQUEST_HEAD.pack(0xFEEDFACE, 2, 0) + pack_sockaddr_un(client_path),  # version
+                REQUEST_HEAD.pack(0xFEEDFACE, 3, 0) + b"\x02\x00" + bytes(108),  # not AF_UNIX
+                REQUEST_HEAD.pack(0xFEEDFACE, 3, 0) + pack_sockaddr_un(str(tmp_path / "nobody")),  # unreachable
+            ]
+            for request in bad:
+                reader, writer = await asyncio.open_unix_connection(server.ctl_path)
+                writer.write(request)
+                if request == b"short":
+                    writer.write_eof()
+                assert await asyncio.wait_for(reader.read(200), 10) == b""  # closed, no answer
+                writer.close()
+            assert server.refused == len(bad) and sw.ports == {}
+            # aiokvm's own client, asking for port 7 and VLAN 10 (what `aiokvm run --net vde=DIR,vlan=10` sends)
+            port = await VdePort(directory, port=7, description="test vlan=10").open()
+            await wait_for(lambda: "vde7" in sw.ports)
+            assert sw.vlans()["vde7"] == {"pvid": 10, "vlans": {10: True}}
+            taken = VdePort(directory, port=7)
+            with pytest.raises(ConfigError, match="refused the port 7"):
+                await taken.open()
+            await port.aclose()
+            await wait_for(lambda: "vde7" not in sw.ports)
+            client.close()
+        finally:
+            await server.aclose()
+
+
+async def test_a_vde_port_without_a_switch_says_how_to_start_one(tmp_path):
+    from aiokvm.net.ports.vde import VdePort
+
+    with pytest.raises(ConfigError, match="no VDE switch at .*vde_switch -sock"):
+        await VdePort(str(tmp_path)).open()
