@@ -46,6 +46,13 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        sockname, peername = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        if isinstance(sockname, tuple) and sockname == peername:
+            # TCP "self-connect": retrying a local port nobody listens on can land on the
+            # ephemeral port equal to it, and the socket connects to itself.  Not a peer.
+            self.port.self_connects += 1
+            transport.close()
+            return
         self.live = self.port._connected(self)
 
     def data_received(self, data: bytes) -> None:
@@ -78,7 +85,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.live = False
-        self.port._disconnected(self)
+        self.port._disconnected(self)  # a no-op for a connection that never became the peer
 
 
 def _check_stale_unix_socket(path: str) -> None:
@@ -117,6 +124,7 @@ class StreamPort(SwitchPort):
         self._closing = False
         self.connections = 0
         self.refused_connections = 0
+        self.self_connects = 0
 
     @property
     def describe(self) -> str:
