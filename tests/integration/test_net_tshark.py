@@ -43,3 +43,15 @@ async def test_tshark_decodes_a_ping_exchange_as_arp_and_icmp(tmp_path):
     assert [(r[2], r[3]) for r in rows[2:]] == [(t, str(s)) for s in range(1, 6) for t in ("8", "0")]
     assert all(r[4] == "1" and r[5] == "1" for r in rows[2:])  # IP and ICMP checksums: good
     assert all(r[6] == "" and r[7] == "" for r in rows)  # nothing malformed, no expert complaint
+
+
+def tshark_protocols(capture) -> list[str]:
+    """Each frame's protocol stack as tshark decodes it; AssertionError if any frame is malformed
+    or draws an expert complaint (other tests' captures go through here too)."""
+    proc = subprocess.run([TSHARK, "-n", "-r", str(capture), "-T", "fields", "-E", "separator=|",
+                           "-e", "frame.protocols", "-e", "_ws.malformed", "-e", "_ws.expert.message"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    rows = [line.split("|") for line in proc.stdout.splitlines()]
+    bad = [r for r in rows if r[1] or r[2]]
+    assert not bad, bad
+    return [r[0] for r in rows]

@@ -12,8 +12,9 @@ import socket
 import pytest
 
 from aiokvm import Machine
-from aiokvm.net import PcapReader, Switch
+from aiokvm.net import Switch
 from tests.integration.netns import in_ns, netns
+from tests.integration.test_net_tshark import tshark_protocols
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 
@@ -64,8 +65,9 @@ async def test_a_tap_port_in_a_namespace_reaches_the_guest_both_ways(tmp_path):
     assert " 0% packet loss" in result.stdout and "20 received" in result.stdout, result.stdout
     assert {row["dst"]: row.get("lladdr") for row in json.loads(neigh)}["10.0.0.1"] == GUEST_MAC
     assert "ping: 10/10 replies" in out
-    with PcapReader(tmp_path / "tap.pcap") as reader:
-        assert sum(1 for _ in reader) >= 2 * 20 + 2 * 10
+    protocols = tshark_protocols(tmp_path / "tap.pcap")
+    assert protocols.count("eth:ethertype:ip:icmp:data") == 2 * 20 + 2 * 10  # both pings, both ways
+    assert "eth:ethertype:arp" in protocols
 
 
 async def test_tap_errors_are_one_line_config_errors():
@@ -105,6 +107,7 @@ async def test_our_vxlan_port_and_a_linux_vxlan_device_carry_a_ping(udp_port, tm
         in_ns(theirs, "ip", "link", "set", "vxlan0", "up")
         async with Switch("br0") as sw:
             port = await sw.open_port(f"vxlan:42,local=10.99.0.1:{udp_port},remote=10.99.0.2,netns={ours},name=vx")
+            sw.capture("vx", tmp_path / "vx.pcap")
             vm, echo = await netecho_vm(sw)
             try:
                 result = await asyncio.to_thread(in_ns, theirs, "ping", "-c", "20", "-i", "0.05", "-W", "5",
@@ -122,6 +125,7 @@ async def test_our_vxlan_port_and_a_linux_vxlan_device_carry_a_ping(udp_port, tm
     assert "10.99.0.2" in set(learned.values())  # the kernel side's MAC, learned behind its VTEP
     assert re.search(rf"{GUEST_MAC} dst 10\.99\.0\.1", fdb), fdb  # Linux learned the guest behind ours
     assert drops == {}
+    assert tshark_protocols(tmp_path / "vx.pcap").count("eth:ethertype:ip:icmp:data") == 2 * 20 + 2 * 10
 
 
 async def test_vxlan_drops_bad_headers_and_other_vnis_as_linux_does():
@@ -160,3 +164,75 @@ async def test_two_aiokvm_switches_joined_by_vxlan_carry_a_ping():
             await vm.__aexit__(None, None, None)
         assert vx2.learned() == {GUEST_MAC: "127.0.0.1"}
     assert "ping: 20/20 replies" in out
+
+
+STP_TIMERS = {"hello_time": 1.0, "max_age": 6.0, "forward_delay": 2.0}  # the fastest Linux allows
+
+
+def kernel_bridge_ports(ns: str) -> dict[str, str]:
+    return {row["ifname"]: row["state"] for row in json.loads(in_ns(ns, "bridge", "-j", "link", "show").stdout)
+            if row.get("master") == "br0"}
+
+
+def kernel_root(ns: str) -> str:
+    info = json.loads(in_ns(ns, "ip", "-j", "-d", "link", "show", "br0").stdout)[0]["linkinfo"]["info_data"]
+    return info["root_id"].replace(":", "").lower()
+
+
+async def stp_settled(sw: Switch, ns: str, timeout: float = 40.0) -> tuple[dict, dict]:
+    """Until no port on either side is listening or learning (and each side has its ports)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        ours = {name: p["state"] for name, p in sw.stp_state()["ports"].items() if name.startswith("tap")}
+        theirs = kernel_bridge_ports(ns)
+        states = [*ours.values(), *(s for name, s in theirs.items() if name.startswith("tap"))]
+        if len(states) == 4 and all(s in ("forwarding", "blocking", "disabled") for s in states):
+            return ours, theirs
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"STP did not settle: ours {sw.stp_state()['ports']}, kernel {kernel_bridge_ports(ns)}")
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_our_switch_and_a_kernel_bridge_joined_twice_break_the_loop_with_stp():
+    with netns("stp") as ns:
+        in_ns(ns, "ip", "link", "add", "br0", "type", "bridge", "stp_state", "1", "priority", "4096",
+              "hello_time", "100", "max_age", "600", "forward_delay", "200")
+        in_ns(ns, "ip", "link", "add", "h0", "type", "veth", "peer", "name", "h1")
+        in_ns(ns, "ip", "link", "set", "h1", "master", "br0")
+        in_ns(ns, "ip", "addr", "add", "10.0.0.9/24", "dev", "h0")
+        async with Switch("ours", stp=True, **STP_TIMERS) as sw:
+            for tap in ("tapa", "tapb"):
+                await sw.open_port(f"tap:{tap},netns={ns}")
+                in_ns(ns, "ip", "link", "set", tap, "master", "br0")
+            for dev in ("tapa", "tapb", "h0", "h1", "br0"):
+                in_ns(ns, "ip", "link", "set", dev, "up")
+            vm, echo = await netecho_vm(sw)
+            try:
+                ours, theirs = await stp_settled(sw, ns)
+                blocked = [s for s in [*ours.values(), theirs["tapa"], theirs["tapb"]] if s == "blocking"]
+                assert len(blocked) == 1, (ours, theirs)  # the loop is cut in one place
+                assert ours["tapa"] == "blocking" or ours["tapb"] == "blocking"  # the kernel (4096) is root
+                assert sw.stp_state()["root_id"].replace(".", "").lower() == kernel_root(ns).replace(".", "")
+                first = await asyncio.to_thread(in_ns, ns, "ping", "-c", "5", "-i", "0.2", "-W", "3", "10.0.0.1",
+                                                check=False)
+                before = sum(p["rx_frames"] for name, p in sw.counters()["ports"].items() if name.startswith("tap"))
+                await asyncio.to_thread(in_ns, ns, "ping", "-c", "1", "-W", "1", "-b", "10.0.0.255", check=False)
+                await asyncio.sleep(3)  # a broadcast in a loop would circle forever: it must not
+                after = sum(p["rx_frames"] for name, p in sw.counters()["ports"].items() if name.startswith("tap"))
+                assert after - before < 40, after - before  # BPDUs (1/s per port) and the one broadcast
+                # cut the link that forwards: the blocked one takes over once the tree reconverges
+                forwarding = next(name for name, state in ours.items() if state == "forwarding")
+                in_ns(ns, "ip", "link", "set", forwarding, "down")
+                await asyncio.sleep(2)  # our side sees carrier go within a second
+                ours, theirs = await stp_settled(sw, ns)
+                assert ours[forwarding] == "disabled" and "forwarding" in ours.values()
+                second = await asyncio.to_thread(in_ns, ns, "ping", "-c", "5", "-i", "0.2", "-W", "3", "10.0.0.1",
+                                                 check=False)
+            finally:
+                vm.stop()
+                await echo
+                await vm.__aexit__(None, None, None)
+    assert "5 received" in first.stdout, first.stdout
+    assert "5 received" in second.stdout, second.stdout

@@ -14,6 +14,7 @@ import pytest
 from aiokvm import Machine, guests
 from aiokvm.net import Switch
 from tests.conftest import QEMU
+from tests.integration.test_net_tshark import tshark_protocols
 from tests.kvm.test_disks import QEMU_BASE
 
 pytestmark = [pytest.mark.kvm, pytest.mark.qemu]
@@ -56,6 +57,7 @@ async def test_qemu_joins_over_stream_to_our_unix_server(tmp_path):
     async with Switch("br0") as sw:
         port = await sw.open_port(f"stream:unix:{path},server,name=qemu")
         assert not port.link_up  # nobody connected yet
+        sw.capture("qemu", tmp_path / "qemu.pcap")
         qemu = qemu_netecho(f"stream,server=off,addr.type=unix,addr.path={path}", 100)
         out, echo = await ping_qemu(sw, qemu, 100)
         counters = sw.counters()["ports"]["qemu"]
@@ -63,6 +65,7 @@ async def test_qemu_joins_over_stream_to_our_unix_server(tmp_path):
     assert "ping: 100/100 replies" in out
     assert "netecho: frames 101 arp 1 icmp 100 udp 0 other 0" in echo
     assert counters["rx_frames"] == 101 and counters["drops"] == {}
+    assert tshark_protocols(tmp_path / "qemu.pcap").count("eth:ethertype:ip:icmp:data") == 200
     assert fdb == {}  # QEMU left (link down) and the pinger closed: both ports' entries flushed, as Linux does
 
 
