@@ -65,3 +65,12 @@ def test_net_benchmark_writes_rows_and_goals(tmp_path):
     # the notify exits: at least one per frame without ioeventfd
     assert rows["aiokvm no-ioeventfd"]["exits_per_frame"] >= 1
     assert {g["goal"] for g in data["goals"]} >= {">= 100k frames/s at 64 bytes on one loop"}
+    assert data["errors"] == {}
+    import os
+    import shutil
+
+    if os.geteuid() == 0 and shutil.which("qemu-system-x86_64") and shutil.which("vde_switch"):
+        # the seed's setup and its 2x2 (CI has all it needs)
+        assert {"qemu/kernel-bridge", "aiokvm/kernel-bridge", "qemu/vde_switch", "qemu/aiokvm-switch"} <= set(rows)
+        assert all(rows[p]["x_seed"] > 0 for p in ("aiokvm", "aiokvm/kernel-bridge", "qemu/aiokvm-switch"))
+        assert len(data["goals"]) == 4
