@@ -207,3 +207,40 @@ async def test_a_vde_port_without_a_switch_says_how_to_start_one(tmp_path):
 
     with pytest.raises(ConfigError, match="no VDE switch at .*vde_switch -sock"):
         await VdePort(str(tmp_path)).open()
+
+
+async def test_a_stream_client_reconnects_when_its_server_comes_back(tmp_path):
+    path = str(tmp_path / "s.sock")
+    async with Switch("client") as client_sw:
+        client = await client_sw.open_port(f"stream:unix:{path},reconnect=0.05,name=up")
+        for round_no in range(2):  # the server comes, goes, and comes back
+            async with Switch("server") as server_sw:
+                server = await server_sw.open_port(f"stream:unix:{path},server,name=down")
+                await wait_for(lambda: client.link_up and server.link_up)
+                sink = Sink(server_sw)
+                Sink(client_sw, f"src{round_no}").port.incoming(
+                    bytes.fromhex("ffffffffffff" "02000000000c" "88b5") + bytes([round_no]) * 46)
+                await wait_for(lambda: len(sink.frames) == 1)
+            await wait_for(lambda: not client.link_up)
+        assert client.connections == 2
+
+
+async def test_the_switch_program_logs_link_changes_stp_and_drop_summaries(tmp_path):
+    from structlog.testing import capture_logs
+
+    from aiokvm.net.daemon import Watcher
+
+    async with Switch("sw", stp=True) as sw:
+        sink = Sink(sw)
+        watcher = Watcher(sw, summary_s=0.0)
+        with capture_logs() as logs:
+            watcher.poll(0.0)
+            sink.port.set_link(False)
+            sink.port.counters.drops["queue_full"] += 3
+            watcher.poll(1.0)
+            watcher.poll(2.0)  # nothing new: nothing logged
+    events = [(e["event"], e.get("port"), e.get("up")) for e in logs]
+    assert ("port link", "sink", False) in events
+    assert ("stp port", "sink", None) in events  # designated/forwarding -> disabled
+    drops = [e for e in logs if e["event"] == "drops"]
+    assert len(drops) == 1 and drops[0]["sink/queue_full"] == 3
