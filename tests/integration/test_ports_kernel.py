@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
 
 import pytest
 
@@ -85,6 +86,12 @@ async def test_tap_errors_are_one_line_config_errors():
                 await sw.open_port(f"tap:veth0,netns={ns},name=t3")
             await sw.remove_port(first.name)
             assert set(sw.ports) == set()
+            assert in_ns(ns, "ip", "link", "show", "tap0", check=False).returncode != 0  # ours: gone with the port
+            # a persistent tap made beforehand (`ip tuntap add`) is attached to, and stays after
+            in_ns(ns, "ip", "tuntap", "add", "ptap", "mode", "tap")
+            persistent = await sw.open_port(f"tap:ptap,netns={ns}")
+            await sw.remove_port(persistent.name)
+            assert in_ns(ns, "ip", "link", "show", "ptap").returncode == 0
 
 
 def vxlan_underlay(ours: str, theirs: str):
@@ -105,10 +112,15 @@ async def test_our_vxlan_port_and_a_linux_vxlan_device_carry_a_ping(udp_port, tm
         in_ns(theirs, "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vxlan0", "dst", "10.99.0.1")
         in_ns(theirs, "ip", "addr", "add", "10.0.0.9/24", "dev", "vxlan0")
         in_ns(theirs, "ip", "link", "set", "vxlan0", "up")
+        underlay = tmp_path / "underlay.pcap"  # the kernel's view of our VTEP's UDP packets
+        tshark = subprocess.Popen(["ip", "netns", "exec", theirs, "tshark", "-q", "-i", "u1", "-f",
+                                   f"udp and src host 10.99.0.1 and dst port {udp_port}", "-c", "10", "-a", "duration:60", "-w",
+                                   str(underlay)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         async with Switch("br0") as sw:
             port = await sw.open_port(f"vxlan:42,local=10.99.0.1:{udp_port},remote=10.99.0.2,netns={ours},name=vx")
             sw.capture("vx", tmp_path / "vx.pcap")
             vm, echo = await netecho_vm(sw)
+            await asyncio.sleep(1.0)  # tshark is capturing before the first packet
             try:
                 result = await asyncio.to_thread(in_ns, theirs, "ping", "-c", "20", "-i", "0.05", "-W", "5",
                                                  "10.0.0.1", check=False)
@@ -126,6 +138,15 @@ async def test_our_vxlan_port_and_a_linux_vxlan_device_carry_a_ping(udp_port, tm
     assert re.search(rf"{GUEST_MAC} dst 10\.99\.0\.1", fdb), fdb  # Linux learned the guest behind ours
     assert drops == {}
     assert tshark_protocols(tmp_path / "vx.pcap").count("eth:ethertype:ip:icmp:data") == 2 * 20 + 2 * 10
+    try:
+        tshark.wait(timeout=30)
+    finally:
+        tshark.kill()
+    fields = subprocess.run(["tshark", "-n", "-r", str(underlay), "-d", f"udp.port=={udp_port},vxlan", "-T", "fields",
+                             "-e", "udp.checksum", "-e", "vxlan.vni", "-e", "vxlan.flags"],
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    rows = [line.split("\t") for line in fields if line]
+    assert len(rows) == 10 and all(r[0] == "0x0000" and r[1] == "42" for r in rows), rows  # RFC 7348: zero checksum
 
 
 async def test_vxlan_drops_bad_headers_and_other_vnis_as_linux_does():
@@ -146,6 +167,24 @@ async def test_vxlan_drops_bad_headers_and_other_vnis_as_linux_does():
         assert port.counters.rx_frames == 1
         assert dict(port.counters.drops) == {"bad_header": 2, "other_vni": 1, "runt": 1}
         assert port.learned() == {"02:00:00:00:00:0c": "127.0.0.1"}
+
+
+async def test_vxlan_learned_vteps_age_out_and_unknown_destinations_flood():
+    async with Switch("br0") as sw:
+        port = await sw.open_port("vxlan:42,local=127.0.0.1:0,remote=127.0.0.2,remote=127.0.0.3,name=vx")
+        port.ageing_s = 0.2
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            raw.sendto(bytes.fromhex("08000000" "00002a00" "ffffffffffff" "02000000000c" "88b5") + bytes(46),
+                       ("127.0.0.1", port.bound_port))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not port.learned() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert port.learned() == {"02:00:00:00:00:0c": "127.0.0.1"}
+        assert port._targets(bytes.fromhex("02000000000c") + bytes(54)) == ["127.0.0.1"]
+        await asyncio.sleep(0.3)
+        assert port.learned() == {}  # aged, like an FDB entry
+        assert port._targets(bytes.fromhex("02000000000c") + bytes(54)) == ["127.0.0.2", "127.0.0.3"]  # flooded
 
 
 async def test_two_aiokvm_switches_joined_by_vxlan_carry_a_ping():

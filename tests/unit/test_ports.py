@@ -216,11 +216,11 @@ async def test_a_stream_client_reconnects_when_its_server_comes_back(tmp_path):
         for round_no in range(2):  # the server comes, goes, and comes back
             async with Switch("server") as server_sw:
                 server = await server_sw.open_port(f"stream:unix:{path},server,name=down")
-                await wait_for(lambda: client.link_up and server.link_up)
+                await wait_for(lambda server=server: client.link_up and server.link_up)
                 sink = Sink(server_sw)
                 Sink(client_sw, f"src{round_no}").port.incoming(
                     bytes.fromhex("ffffffffffff" "02000000000c" "88b5") + bytes([round_no]) * 46)
-                await wait_for(lambda: len(sink.frames) == 1)
+                await wait_for(lambda sink=sink: len(sink.frames) == 1)
             await wait_for(lambda: not client.link_up)
         assert client.connections == 2
 
