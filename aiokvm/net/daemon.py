@@ -94,6 +94,16 @@ async def serve_switch(directory: str, *, stp: bool = False, vlan_filtering: boo
     directory = prepare_directory(directory)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    try:
+        await _serve(directory, stop, loop, stp=stp, vlan_filtering=vlan_filtering, ports=ports, pcaps=pcaps,
+                     name=name, ready=ready)
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)  # as vde_switch does, when nothing else is left in it
+    log.info("switch stopped", dir=directory)
+
+
+async def _serve(directory, stop, loop, *, stp, vlan_filtering, ports, pcaps, name, ready) -> None:
     async with Switch(name or os.path.basename(directory) or "switch", stp=stp,
                       vlan_filtering=vlan_filtering) as sw:
         vde = VdeServer(sw, directory)
@@ -124,6 +134,3 @@ async def serve_switch(directory: str, *, stp: bool = False, vlan_filtering: boo
                 loop.remove_signal_handler(signum)
             await vde.aclose()
             await mgmt.aclose()
-    with contextlib.suppress(OSError):
-        os.rmdir(directory)  # as vde_switch does, when nothing else is left in it
-    log.info("switch stopped", dir=directory)

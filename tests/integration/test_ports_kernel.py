@@ -94,6 +94,19 @@ async def test_tap_errors_are_one_line_config_errors():
             assert in_ns(ns, "ip", "link", "show", "ptap").returncode == 0
 
 
+def test_without_cap_net_admin_a_tap_port_is_a_one_line_error_that_says_what_to_do(tmp_path):
+    import sys
+
+    proc = subprocess.run(["setpriv", "--bounding-set", "-net_admin", sys.executable, "-m", "aiokvm", "switch",
+                           str(tmp_path / "sw"), "--port", "tap:aiokvmx0"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "aiokvm: error: no permission to create or attach tap aiokvmx0: run as root, or make it persistent and "
+        "yours first (`ip tuntap add aiokvmx0 mode tap user $USER`)"]
+    assert not (tmp_path / "sw").exists()  # nothing left behind
+
+
 def vxlan_underlay(ours: str, theirs: str):
     """Two namespaces joined by a veth pair: 10.99.0.1 (ours: our VTEP's socket) and 10.99.0.2 (theirs)."""
     in_ns(ours, "ip", "link", "add", "u0", "type", "veth", "peer", "name", "u1", "netns", theirs)
@@ -114,8 +127,9 @@ async def test_our_vxlan_port_and_a_linux_vxlan_device_carry_a_ping(udp_port, tm
         in_ns(theirs, "ip", "link", "set", "vxlan0", "up")
         underlay = tmp_path / "underlay.pcap"  # the kernel's view of our VTEP's UDP packets
         tshark = subprocess.Popen(["ip", "netns", "exec", theirs, "tshark", "-q", "-i", "u1", "-f",
-                                   f"udp and src host 10.99.0.1 and dst port {udp_port}", "-c", "10", "-a", "duration:60", "-w",
-                                   str(underlay)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   f"udp and src host 10.99.0.1 and dst port {udp_port}", "-c", "10",
+                                   "-a", "duration:60", "-w", str(underlay)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         async with Switch("br0") as sw:
             port = await sw.open_port(f"vxlan:42,local=10.99.0.1:{udp_port},remote=10.99.0.2,netns={ours},name=vx")
             sw.capture("vx", tmp_path / "vx.pcap")
