@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -172,7 +173,13 @@ def test_management_commands_print_text_and_say_what_to_do_without_a_switch(tmp_
     nothing = subprocess.run([*AIOKVM, "switch", "show", str(directory)], capture_output=True, text=True, timeout=30)
     assert nothing.returncode == 2 and "no aiokvm switch is running in" in nothing.stderr
     assert "Traceback" not in nothing.stderr and len(nothing.stderr.strip().splitlines()) == 1
-    with aiokvm_switch(directory, "--stp", "--name", "lab"):
+    peer = tmp_path / "peer.sock"
+    with aiokvm_switch(directory, "--stp", "--name", "lab", "--port",
+                       f"dgram:unix:{tmp_path / 'd.sock'},remote={peer},name=d", "--pcap", f"d={tmp_path / 'd.pcap'}"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(peer))
+        sock.sendto(bytes.fromhex("ffffffffffff" "020000000001" "88b5") + bytes(46), str(tmp_path / "d.sock"))
+        sock.close()
         show = subprocess.run([*AIOKVM, "switch", "show", str(directory)], capture_output=True, text=True,
                               check=True, timeout=30).stdout
         stp = subprocess.run([*AIOKVM, "switch", "stp", str(directory)], capture_output=True, text=True,
@@ -181,6 +188,8 @@ def test_management_commands_print_text_and_say_what_to_do_without_a_switch(tmp_
                              capture_output=True, text=True, timeout=30)
         again = subprocess.run([*AIOKVM, "switch", str(directory)], capture_output=True, text=True, timeout=30)
     assert show.startswith("switch lab ") and "stp on" in show
+    assert "\nd                dgram    up" in show  # the --port, on from the start
+    assert (tmp_path / "d.pcap").stat().st_size == 24 + 16 + 60  # --pcap: the header and the one frame
     assert stp.startswith("bridge id 8000.")
     assert bad.returncode == 2 and "no port 'nope'" in bad.stderr
     assert again.returncode == 2 and "a switch is already running in" in again.stderr
