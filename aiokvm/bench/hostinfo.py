@@ -24,7 +24,7 @@ def cpuinfo_field(name: str) -> str | None:
 
 
 def calibrate_tsc(tmp: str) -> tuple[float, str]:
-    """Ticks per second: ``benchmarks/c/tsc.c``, median of 3; else /proc/cpuinfo's cpu MHz."""
+    """Ticks per second: ``aiokvm/bench/c/tsc.c``, median of 3; else /proc/cpuinfo's cpu MHz."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc:
         exe = os.path.join(tmp, "tsc")
