@@ -4,6 +4,8 @@
                [--stats] [--debug] [+ GUEST [options]]...
     aiokvm switch DIR [--stp] [--vlan-filtering] [--port SPEC]... [--pcap PORT=FILE]
     aiokvm switch show|fdb|stp|vlan DIR [--json]  |  aiokvm switch pcap DIR PORT FILE|off
+    aiokvm demo [--quick] [--out DIR]
+    aiokvm bench exits|disk|net|boot|bridge|all [options] | aiokvm bench compare A.json B.json
     aiokvm info
 
 ``+`` starts another machine in the same process: all share the event loop
@@ -89,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--json", action="store_true", help="management commands answer in JSON")
     switch.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop)")
     switch.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    sub.add_parser("demo", help="the user-mode I/O bottleneck of KVM in numbers, in about two minutes "
+                                "(`aiokvm demo --help`)", add_help=False)
+    bench = sub.add_parser("bench", help="run a benchmark (exits, disk, net, boot, bridge, all) or compare two runs",
+                           description="aiokvm bench NAME [its options; NAME --help lists them] | "
+                                       "aiokvm bench compare A.json B.json")
+    bench.add_argument("name", metavar="NAME", help="exits, disk, net, boot, bridge, all, or compare")
 
     sub.add_parser("info", help="show KVM, capabilities and bundled guests")
     return parser
@@ -386,13 +395,32 @@ def _split_machines(argv: list[str]) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    # `demo` and `bench NAME` hand every later word to their own parser (argparse's
+    # REMAINDER would not take words that look like options).
+    passthrough: list[str] = []
+    for at, word in enumerate(argv):
+        if word in ("demo", "bench") and all(w.startswith("-") or argv[i - 1] in ("--log-format", "--log-level")
+                                              for i, w in enumerate(argv[:at])):
+            keep = 2 if word == "bench" else 1
+            argv, passthrough = argv[:at + keep], argv[at + keep:]
+            break
     all_args = [parser.parse_args(segment) for segment in _split_machines(argv)]
+    if getattr(all_args[0], "command", None) in ("demo", "bench"):
+        all_args[0].rest = passthrough
     args = all_args[0]
     configure_logging(args.log_format, args.log_level)
     debug = any(getattr(a, "debug", False) for a in all_args)
     try:
         if args.command == "info":
             return _info()
+        if args.command == "demo":
+            from .bench.demo import main as demo_main
+
+            return demo_main(args.rest)
+        if args.command == "bench":
+            from .bench.run import bench_command
+
+            return bench_command(args.name, args.rest)
         if args.command == "switch":
             from .cli_switch import switch_command
 

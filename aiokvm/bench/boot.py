@@ -30,6 +30,8 @@ import uvloop
 from aiokvm import Machine, guests
 
 from .hostinfo import fmt, qemu_microvm_cmd
+from .plot import by_benchmark, check_path
+from .progress import Steps
 
 
 def qemu_cmd(elf: str) -> list[str] | None:
@@ -64,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="aiokvm bench boot", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--plot", metavar="FILE.png|svg", help="draw this benchmark's figure")
     args = parser.parse_args(argv)
+    if args.plot:
+        check_path(args.plot)
 
     elf = str(guests.path("hello"))
     paths = {"aiokvm-process": [sys.executable, "-m", "aiokvm", "run", "hello"], "qemu-process": qemu_cmd(elf)}
@@ -73,11 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     samples["aiokvm-inprocess"] = []
     loop = uvloop.new_event_loop()
     loop.run_until_complete(time_inprocess())  # warm-up
-    for _ in range(args.runs):
-        for name, cmd in paths.items():
-            if cmd:
-                samples[name].append(time_process(cmd, GOOD_STATUS[name]))
-        samples["aiokvm-inprocess"].append(loop.run_until_complete(time_inprocess()))
+    with Steps(args.runs, "boot") as steps:
+        for run in range(args.runs):
+            for name, cmd in paths.items():
+                if cmd:
+                    samples[name].append(time_process(cmd, GOOD_STATUS[name]))
+            samples["aiokvm-inprocess"].append(loop.run_until_complete(time_inprocess()))
+            steps.step(f"run {run + 1}/{args.runs}")
     loop.close()
 
     good = {name: [v for v in values if v is not None] for name, values in samples.items()}
@@ -96,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json_path:
         with open(args.json_path, "w") as fh:
             json.dump({"benchmark": "boot", "guest": "hello", "rows": rows}, fh, indent=2)
+    if args.plot:
+        by_benchmark("boot", rows, args.plot)
 
 
 if __name__ == "__main__":

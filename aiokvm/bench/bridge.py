@@ -23,6 +23,9 @@ import time
 from aiokvm.net import Bridge
 from aiokvm.net.frames import push_tag
 
+from .plot import by_benchmark, check_path
+from .progress import Steps
+
 
 def mac(i: int) -> bytes:
     return bytes([0x02, 0, 0, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF])
@@ -76,9 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--plot", metavar="FILE.png|svg", help="draw this benchmark's figure")
     args = parser.parse_args(argv)
+    if args.plot:
+        check_path(args.plot)
 
     rows = []
+    steps = Steps(3, "bridge").__enter__()
     for ports in (4, 16, 64):
         br, known, unknown = build(ports, vlan=False)
         vbr, vknown, _ = build(ports, vlan=True)
@@ -93,12 +100,16 @@ def main(argv: list[str] | None = None) -> None:
             median = statistics.median(values)
             rows.append({"ports": ports, "path": path, "decisions_per_s": round(median),
                          "ratio_to_dict": round(median / floor, 4)})
+        steps.step(f"{ports} ports")
+    steps.__exit__(None, None, None)
     print(f"{'ports':>5}  {'path':<15}{'decisions/s':>14}{'x dict':>9}")
     for row in rows:
         print(f"{row['ports']:>5}  {row['path']:<15}{row['decisions_per_s']:>14,}{row['ratio_to_dict']:>9.3f}")
     if args.json_path:
         with open(args.json_path, "w") as fh:
             json.dump({"benchmark": "bridge", "frame_bytes": 64, "rows": rows}, fh, indent=2)
+    if args.plot:
+        by_benchmark("bridge", rows, args.plot)
 
 
 if __name__ == "__main__":

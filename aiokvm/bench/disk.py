@@ -45,7 +45,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -57,6 +56,8 @@ import aiokvm
 from aiokvm import guests
 
 from .hostinfo import calibrate_tsc, fmt, machine_info, median_of, note_problems, qemu_microvm_cmd
+from .plot import check_path
+from .progress import Steps
 
 IMAGE_BYTES = 64 << 20
 KIB = 1024
@@ -507,7 +508,10 @@ def main(argv: list[str] | None = None) -> None:
                         "devices (ata-word, ata-rep, virtio-qd1, virtio-qd16, virtio), "
                         "vmms (aiokvm, aiokvm/no-ioefd, qemu, host), patterns (seq, rand), block sizes (4k, 128k)")
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--plot", metavar="FILE.png|svg", help="draw this benchmark's figure")
     args = parser.parse_args(argv)
+    if args.plot:
+        check_path(args.plot)
     repeat = args.repeat or (2 if args.quick else 3)
     specs = build_specs(args.quick, parse_only(args.only))
     if not specs:
@@ -531,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
                     run_qemu(bench.elf, image, Spec("qemu", "virtio", "seq", 4 * KIB, 1, 1 << 20))
                 except (RuntimeError, subprocess.TimeoutExpired):
                     pass  # the rows will say what is wrong
-            started = time.perf_counter()
+            steps = Steps(repeat * len(runnable), "disk").__enter__()
             for round_no in range(repeat):
                 bench.warm_cache()
                 for config, spec in configs.items():
@@ -547,9 +551,8 @@ def main(argv: list[str] | None = None) -> None:
                         spec.samples.append(bench.measure(spec))
                     except Exception as exc:  # measured, not asserted: keep going
                         spec.errors.append(f"{type(exc).__name__}: {exc}")
-                print(f"# round {round_no + 1}/{repeat} done, {time.perf_counter() - started:.0f} s, "
-                      f"load {os.getloadavg()[0]:.2f}",
-                      file=sys.stderr, flush=True)
+                    steps.step(f"{spec.key}, round {round_no + 1}/{repeat}")
+            steps.__exit__(None, None, None)
         finally:
             bench.close()
 

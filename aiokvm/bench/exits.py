@@ -69,7 +69,6 @@ import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -83,6 +82,8 @@ from aiokvm.handoff import DEFAULT_HANDOFF, HANDOFFS
 from aiokvm.machine import IoEvent
 
 from .hostinfo import calibrate_tsc, fmt, machine_info, median_of, note_problems, qemu_microvm_cmd
+from .plot import by_benchmark, check_path
+from .progress import Steps
 
 HERE = Path(__file__).resolve().parent
 SINK_PORT = 0x80
@@ -136,16 +137,17 @@ class Spec:
     handoff: str | None = None   # None: Machine's default
     setup: str = "none"  # vm rows: none | inline | loop | ioeventfd | coalesced | mmio-loop
     poll_window_us: float | None = None  # None: Machine's default
+    alt: bool = True     # interleave unclaimed batches (the in-run ratio); False: only the n exits
     samples: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     unavailable: str | None = None
 
 
-def cmdline(n: int, cpl: int, mmio: bool = False, vcpus: int = 1) -> str:
+def cmdline(n: int, cpl: int, mmio: bool = False, vcpus: int = 1, alt: bool = True) -> str:
     parts = [f"n={n}", f"port={SINK_PORT:#x}", "tsc=1"]
     if vcpus > 1:
         parts.append(f"cpus={vcpus}")
-    elif n >= BATCHES:
+    elif n >= BATCHES and alt:
         # Batches, each followed by as many exits to an address nobody
         # claims: aiokvm's own C exit path, timed microseconds apart.
         parts.append(f"batch={n // BATCHES}")
@@ -255,7 +257,7 @@ async def run_vm(spec: Spec) -> dict:
             vm.add_device(sink, mmio=(SINK_MMIO, 0x1000), mode="loop", name="sink")
         elif spec.setup == "coalesced":
             vm.add_device(sink, mmio=(SINK_MMIO, 0x1000), mode="loop", name="sink", coalesced=True)
-        vm.load("exitloop", cmdline=cmdline(spec.n, spec.cpl, mmio=mmio, vcpus=spec.vcpus))
+        vm.load("exitloop", cmdline=cmdline(spec.n, spec.cpl, mmio=mmio, vcpus=spec.vcpus, alt=spec.alt))
         cpu0 = cpu_seconds(resource.RUSAGE_SELF)
         start = time.perf_counter()
         status = await vm.run(timeout=120)
@@ -270,6 +272,7 @@ async def run_vm(spec: Spec) -> dict:
             "exits": spec.n * spec.vcpus, "wall_s": wall, "cpu_s": cpu,
             "modes": mode_fractions(stats),
             "delivered": sink.writes if spec.setup != "none" else None, "paths": stats.get("paths"),
+            "user_exits": sum(v.get("user_exits", 0) for v in stats.get("vcpus") or []),
             "idle_sleeps": (stats.get("loop") or {}).get("idle_sleeps")}
 
 
@@ -547,7 +550,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="rerun the C baseline before a row when its last run is older than this (seconds)")
     parser.add_argument("--only", help="comma-separated paths or labels to run (c always runs, for the ratios)")
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--plot", metavar="FILE.png|svg", help="draw this benchmark's figure")
     args = parser.parse_args(argv)
+    if args.plot:
+        check_path(args.plot)
     n = args.n or (5000 if args.quick else 20000)
     repeat = args.repeat or (2 if args.quick else 5)
     cpls = [int(x) for x in args.cpl.split(",") if x.strip()]
@@ -571,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
             # Warm-up: imports, both loops, page cache for the ELF and the C binary.
             for loop in ("uvloop", "asyncio"):
                 bench.measure(Spec("unclaimed", "warm-up", "vm", 0, 500, loop=loop))
-            started = time.perf_counter()
+            steps = Steps(repeat * len(runnable), "exits").__enter__()
             for round_no in range(repeat):
                 k = round_no % max(len(runnable), 1)
                 for spec in runnable[k:] + runnable[:k]:  # rotate: drift spreads over all rows
@@ -582,10 +588,10 @@ def main(argv: list[str] | None = None) -> None:
                         if spec.cpl in c_path_specs and spec is not c_path_specs[spec.cpl]:
                             measure_into(bench, c_path_specs[spec.cpl])
                     measure_into(bench, spec)
+                    steps.step(f"{spec.label} CPL {spec.cpl}, round {round_no + 1}/{repeat}")
                 for c_spec in c_specs.values():  # close the round: every sample has a C run after it
                     measure_into(bench, c_spec)
-                print(f"# round {round_no + 1}/{repeat} done, {time.perf_counter() - started:.0f} s",
-                      file=sys.stderr, flush=True)
+            steps.__exit__(None, None, None)
         finally:
             bench.close()
 
@@ -610,6 +616,8 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json_path, "w") as fh:
             json.dump({"benchmark": "exits", "guest": "exitloop", "n": n, "repeat": repeat,
                        "machine": info, "bars": found, "self_checks": checks, "rows": rows}, fh, indent=2)
+    if args.plot:
+        by_benchmark("exits", rows, args.plot)
 
 
 if __name__ == "__main__":

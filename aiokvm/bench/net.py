@@ -50,6 +50,8 @@ from aiokvm import Machine, guests
 from aiokvm.net import Switch
 
 from .hostinfo import calibrate_tsc, fmt, machine_info
+from .plot import by_benchmark, check_path
+from .progress import Steps
 
 LINE = re.compile(rb"netbench: mode=(\w+) size=(\d+) frames=(\d+) bytes=(\d+) ticks=(\d+) tsc_hz=\d+ lost=(\d+)")
 RX_MAC, TX_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
@@ -234,7 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", help="comma-separated row names (default: every row this host can run)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--plot", metavar="FILE.png|svg", help="draw this benchmark's figure")
     args = parser.parse_args(argv)
+    if args.plot:
+        check_path(args.plot)
     n = args.n or (20000 if args.quick else 100000)
     repeat = args.repeat or (1 if args.quick else 3)
     sizes = [int(x) for x in args.sizes.split(",")]
@@ -263,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     skipped = [name for name in wanted if not available[name]]
     samples: dict[tuple[str, int], list[dict]] = {}
     errors: dict[tuple[str, int], str] = {}
+    steps = Steps(repeat * sum(1 for size in sizes for label in paths
+                               if label != "aiokvm no-ioeventfd" or size == 64), "net").__enter__()
     for round_no in range(repeat):
         for size in sizes:
             for label in paths:
@@ -273,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
                     samples.setdefault((label, size), []).append(sample)
                 except Exception as exc:  # measured, not asserted
                     errors[(label, size)] = f"{type(exc).__name__}: {exc}"
-        print(f"# round {round_no + 1}/{repeat} done", file=sys.stderr, flush=True)
+                steps.step(f"{label} {size} B, round {round_no + 1}/{repeat}")
+    steps.__exit__(None, None, None)
     info = machine_info(tsc_hz, tsc_source)
     rows = []
     for (label, size), runs in samples.items():
@@ -328,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
             json.dump({"benchmark": "net", "guest": "netbench", "n": n, "repeat": repeat, "machine": info,
                        "rows": rows, "goals": goals,
                        "errors": {f"{k[0]}/{k[1]}": v for k, v in errors.items()}}, fh, indent=2)
+    if args.plot:
+        by_benchmark("net", rows, args.plot)
 
 
 if __name__ == "__main__":
