@@ -63,6 +63,8 @@ def expected_package_files(files: list[str]) -> set[str]:
             expected.add(f"aiokvm/{name}")  # devices/ installs as aiokvm.devices
         elif name.startswith("aiokvm/kvm/") and name.endswith(".h"):
             expected.add(name)
+        elif name.startswith("aiokvm/bench/c/") and name.endswith(".c"):
+            expected.add(name)  # the benchmarks' C baseline and TSC calibrator, compiled at run time
         elif name.startswith("guest/programs/") and name.endswith(".c"):
             expected.add(f"aiokvm/guests/{Path(name).stem}.elf")  # each guest program is a bundled guest
     return expected
@@ -71,7 +73,7 @@ def expected_package_files(files: list[str]) -> set[str]:
 def test_every_module_guest_and_header_is_in_the_wheel(files, wheel):
     expected = expected_package_files(files)
     assert {"aiokvm/cli.py", "aiokvm/devices/virtio/blk.py", "aiokvm/guests/hello.elf",
-            "aiokvm/kvm/_vcpu_loop.h"} <= expected  # the source listing itself worked
+            "aiokvm/kvm/_vcpu_loop.h", "aiokvm/bench/c/tsc.c"} <= expected  # the source listing itself worked
     shipped = {name for name in wheel.namelist() if not name.startswith("aiokvm-")}
     assert sorted(expected - shipped) == []
 
