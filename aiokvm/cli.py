@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--handoff", default=None,
                      help="vCPU-to-loop handoff: spin (default), wake, futex, event or lock")
     run.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop)")
+    run.add_argument("--accel", choices=("kvm", "unicorn", "auto"), default="kvm",
+                     help="CPU backend: kvm (default), unicorn (a software CPU, no /dev/kvm needed), or auto "
+                          "(kvm when /dev/kvm is usable, else unicorn)")
     run.add_argument("--stats", action="store_true",
                      help="print exit counts, latency percentiles and the mode split at the end (on stderr)")
     run.add_argument("--stats-json", metavar="FILE",
@@ -203,7 +206,7 @@ async def _run(all_args: list) -> int:
         if name is not None and name in names:
             raise ConfigError(f"two machines are named {name!r}; give each its own --name")
         names.add(name)
-        vm = Machine(memory=args.memory, vcpus=args.vcpus, handoff=args.handoff or DEFAULT_HANDOFF,
+        vm = Machine(memory=args.memory, vcpus=args.vcpus, handoff=args.handoff or DEFAULT_HANDOFF, accel=args.accel,
                      serial_output=_Prefixed(name, out) if several else out, name=name)
         disks = [parse_disk_spec(disk) for disk in args.disk]
         if sum(spec.interface == "ata" for spec in disks) > 1:
@@ -361,6 +364,11 @@ def _info() -> int:
             state = "present" if value else "MISSING"
             extra = f" ({value})" if value not in (0, 1) else ""
             print(f"  {name:<24}{state}{extra}")
+    from .accel import accelerators
+
+    print("accelerators (Machine(accel=...), --accel):")
+    for name, why in accelerators().items():
+        print(f"  {name:<10}{'usable' if why is None else 'unusable: ' + why}")
     print("bundled guests:", ", ".join(guests.names()) or "none")
     return 0
 

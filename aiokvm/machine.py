@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 
 from . import boot, guests
+from .accel import ACCELERATORS, resolve_accel
 from .board import MicrovmBoard
 from .bus import Bus, HandlerMode, Region
 from .cpu.exits import FailEntry, Halt, InternalError, Shutdown, SystemEvent, SystemEventType
@@ -82,6 +83,7 @@ class Machine:
         serial_output: Any = None,
         serial_input: Any = None,
         name: str | None = None,
+        accel: str = "kvm",
     ) -> None:
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
             raise ConfigError(f"vcpus must be a positive integer, got {vcpus!r}")
@@ -95,6 +97,9 @@ class Machine:
         if handoff in C_MECHANISMS and vcpus > SlotServer.MAX_VCPUS:
             raise ConfigError(f"the {handoff} handoff serves at most {SlotServer.MAX_VCPUS} vCPUs; "
                               "use fewer vCPUs or --handoff event")
+        if accel not in ACCELERATORS:
+            raise ConfigError(f"unknown accelerator {accel!r}; choose one of {', '.join(ACCELERATORS)}")
+        self.accel = resolve_accel(accel)
         self.memory_size = validate_memory_size(parse_size(memory))
         self.vcpu_count = vcpus
         self.handoff_name = handoff
@@ -152,10 +157,16 @@ class Machine:
         except BaseException:
             self._release()
             raise
-        self._log.info("machine created", memory=self.memory_size, vcpus=self.vcpu_count, handoff=self.handoff_name)
+        self._log.info("machine created", memory=self.memory_size, vcpus=self.vcpu_count, handoff=self.handoff_name,
+                       accel=self.accel)
 
     def _open(self) -> None:
-        self.board = MicrovmBoard(self.memory_size, self.vcpu_count)
+        if self.accel == "unicorn":
+            from .cpu.emulated import EmulatedBoard
+
+            self.board = EmulatedBoard(self.memory_size, self.vcpu_count)
+        else:
+            self.board = MicrovmBoard(self.memory_size, self.vcpu_count)
         self.bus = Bus()
         self.bus.set_guard(self._check_bus_may_change)
         python_handoff = {"event": EventHandoff, "lock": LockHandoff}.get(self.handoff_name)
@@ -270,6 +281,9 @@ class Machine:
         ``aclose()`` is closed with the machine.
         """
         self._require_open()
+        if self.accel == "unicorn" and (ioeventfds or coalesced):
+            raise ConfigError("accel=unicorn has no ioeventfd or coalesced MMIO (KVM's kernel paths); "
+                              "attach the device without them, or use accel=kvm")
         return self.devices.attach(device, pio=pio, mmio=mmio, mode=mode, name=name, ioeventfds=ioeventfds,
                                    coalesced=coalesced)
 
@@ -283,7 +297,12 @@ class Machine:
         for measurement); interrupts go through an irqfd.  Returns the transport.
         """
         self._require_open()
+        self._require_kvm("virtio devices (their notifies and interrupts go through ioeventfd and irqfd)")
         return self.devices.attach_virtio(device, ioeventfd=ioeventfd, name=name)
+
+    def _require_kvm(self, what: str) -> None:
+        if self.accel != "kvm":
+            raise ConfigError(f"accel={self.accel} cannot run {what} yet: use accel=kvm, or an ATA disk")
 
     async def add_disk(self, disk, *, interface: str | None = None, read_only: bool | None = None,
                        ioeventfd: bool = True):
@@ -354,6 +373,7 @@ class Machine:
         the loop after the guest acknowledged it.
         """
         self._require_open()
+        self._require_kvm("irqfd interrupt lines (there is no interrupt controller)")
         return self.devices.irqfd(gsi, resample=resample, on_resample=on_resample)
 
     def irq_line(self, irq: int, level: bool) -> None:
@@ -375,7 +395,10 @@ class Machine:
         # What QEMU's auto-kernel-cmdline adds for each virtio-mmio device.
         cmdline = " ".join([cmdline, *self.board.virtio_slots.cmdline_entries()]).strip()
         start_info = boot.write_start_info(self.memory, cmdline)
-        boot.pvh_initial_state(self.vcpus[0], image.entry32, start_info)
+        if self.accel == "unicorn":
+            self.board.boot_entry(image.entry32, start_info)
+        else:
+            boot.pvh_initial_state(self.vcpus[0], image.entry32, start_info)
         self.devices.freeze_virtio("load()")
         self.cmdline = cmdline
         self._loaded = path
@@ -396,19 +419,28 @@ class Machine:
             raise ConfigError(f"machine {self.name} is already running or has run; create a new Machine")
         if self._closing:
             raise ConfigError(f"machine {self.name} is closing")
-        ensure_kick_handler()  # before anything starts: refuses if the application owns the signal
+        if self.accel == "kvm":
+            ensure_kick_handler()  # before anything starts: refuses if the application owns the signal
         self._running = True
         self._run_done.clear()
         self._outcome = self._loop.create_future()
         self._stopping = False
         context = {"vm": self.name}
-        self._threads = [
-            VcpuThread(vcpu, self.dispatcher, on_exit=self._on_exit, on_stop=self._on_vcpu_stop, context=context,
-                       sample_every=self._sample_every, spin_us=self._spin_us, on_park=self._vcpu_parked)
-            for vcpu in self.vcpus
-        ]
+        if self.accel == "unicorn":
+            from .cpu.emulated import EmulatedVcpuThread
+
+            self._threads = [EmulatedVcpuThread(vcpu, bus=self.bus, memory=self.memory, loop=self._loop,
+                                                on_exit=self._on_exit, on_stop=self._on_vcpu_stop,
+                                                on_park=self._vcpu_parked) for vcpu in self.vcpus]
+        else:
+            self._threads = [
+                VcpuThread(vcpu, self.dispatcher, on_exit=self._on_exit, on_stop=self._on_vcpu_stop,
+                           context=context, sample_every=self._sample_every, spin_us=self._spin_us,
+                           on_park=self._vcpu_parked)
+                for vcpu in self.vcpus
+            ]
         try:
-            if self.handoff_name in C_MECHANISMS:
+            if self.handoff_name in C_MECHANISMS and self.accel == "kvm":
                 self._slot_server = SlotServer(
                     self._loop, self.handoff_name, [t.ctx for t in self._threads], self.dispatcher,
                     on_error=self._on_loop_error, poll_window_us=self._poll_window_us,
@@ -608,4 +640,5 @@ class Machine:
             name=self.name, handoff=self.handoff_name, threads=self._threads, bus=self.bus,
             devices=self.devices, slot_server=self._slot_server,
             kvm=(lambda i: {}) if self._closed or self.board is None else self.board.kvm_counters,
+            accel=self.accel,
         )

@@ -229,8 +229,28 @@ def mode_split(times, *, wall_s: float, spin_wait_s: float, sleep_wait_s: float)
     }
 
 
+def emulated_modes(thread) -> dict:
+    """The mode split of an emulated vCPU (``accel=unicorn``): there is no mode switch, so
+    guest time is time inside ``emu_start`` less the handlers it called, user time is the
+    handlers (``python_ns``), loop-hosted waits are inside them, kernel time is 0."""
+    if thread.started_ns is None:
+        return {}
+    end_ns = thread.ended_ns or time.monotonic_ns()
+    wall = (end_ns - thread.started_ns) / 1e9
+    ctx = thread.ctx
+    handlers = ctx.python_ns / 1e9
+    guest = max(ctx.kvm_run_ns / 1e9 - handlers, 0.0)
+    out = {"guest_s": guest, "user_s": handlers, "kernel_s": 0.0, "wait_s": 0.0, "runnable_s": 0.0,
+           "wall_s": wall, "on_cpu_s": None, "runqueue_s": None,
+           "unaccounted_s": max(wall - guest - handlers, 0.0),
+           "accounted_fraction": min((guest + handlers) / wall, 1.0) if wall > 0 else None}
+    return out
+
+
 def thread_modes(thread) -> dict:
     """The mode split of a vCPU thread (``VcpuThread``) from its start to its end (or now)."""
+    if getattr(thread, "accel", "kvm") == "unicorn":
+        return emulated_modes(thread)
     start = thread.times_start
     if start is None or thread.started_ns is None:
         return {}
@@ -251,7 +271,8 @@ def thread_modes(thread) -> dict:
                       spin_wait_s=ctx.spin_wait_ns / 1e9, sleep_wait_s=ctx.sleep_wait_ns / 1e9)
 
 
-def machine_stats(*, name: str, handoff: str, threads: list, bus, devices, slot_server, kvm) -> dict:
+def machine_stats(*, name: str, handoff: str, threads: list, bus, devices, slot_server, kvm,
+                  accel: str = "kvm") -> dict:
     """``Machine.stats()``: every counter of one machine as plain data (docs/stats-schema.md).
 
     ``kvm(index)`` returns KVM's own counters of vCPU ``index``; ``devices``
@@ -272,6 +293,8 @@ def machine_stats(*, name: str, handoff: str, threads: list, bus, devices, slot_
     return {
         "schema": STATS_SCHEMA,
         "vm": name,
+        # kvm: guest time is time in KVM_RUN; unicorn: time inside emu_start, user time is in handlers
+        "accel": accel,
         "handoff": handoff,
         "vcpus": vcpus,
         "exits": merge_counts(vcpus, "exits"),

@@ -44,6 +44,7 @@ from ..errors import ConfigError, DeviceError, GuestError, HandoffCancelled, Kvm
 from ..kvm import VcpuFd, ffi, lib
 from ..metrics import LatencyHistograms, VcpuMetrics
 from ..procstat import read_thread_times_precise
+from .control import ThreadControl
 from .exits import (
     Direction,
     FailEntry,
@@ -118,7 +119,7 @@ def decode_exit(run) -> object:
     return UnknownExit(reason, _EXIT_NAMES.get(reason, ""))
 
 
-class VcpuThread:
+class VcpuThread(ThreadControl):
     """Runs one vCPU in its own thread, through the C run loop.
 
     ``ctx`` is this vCPU's ``struct aiokvm_vcpu``: the C loop's tables,
@@ -160,12 +161,8 @@ class VcpuThread:
         dispatcher.bus.fill_tables(ctx)
         self._on_exit = on_exit
         self._on_stop = on_stop
-        self._on_park = on_park
         self._context = context or {}
-        self._stop = False
-        self._paused = False
-        self._resume = threading.Condition()
-        self.parked = threading.Event()  # set while the thread waits in pause
+        self._init_control(on_park)
         self._alive_lock = threading.Lock()
         self._alive = False
         self.native_id: int | None = None
@@ -180,23 +177,6 @@ class VcpuThread:
             self._alive = True
         self.thread.start()
 
-    def request_stop(self) -> None:
-        """Ask the thread to leave its loop and end (asynchronous; use ``join``)."""
-        self._stop = True
-        with self._resume:
-            self._resume.notify_all()
-        self.kick()
-
-    def pause(self) -> None:
-        """Ask the thread to park outside KVM_RUN (asynchronous; see ``parked``)."""
-        self._paused = True
-        self.kick()
-
-    def resume(self) -> None:
-        with self._resume:
-            self._paused = False
-            self._resume.notify_all()
-
     def kick(self) -> None:
         """Make the current or next KVM_RUN return; the C loop checks ``stop`` too."""
         self.ctx.stop = 1
@@ -209,10 +189,6 @@ class VcpuThread:
                     signal.pthread_kill(self.thread.ident, KICK_SIGNAL)
                 except ProcessLookupError:  # pragma: no cover - thread just ended
                     pass
-
-    def join(self, timeout: float | None = None) -> bool:
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
 
     # -- the thread ---------------------------------------------------------------
     def _main(self) -> None:
@@ -297,15 +273,6 @@ class VcpuThread:
             else:
                 raise KvmError(-rc, f"KVM_RUN on vCPU {index}")
             rc = run(ctx)
-
-    def _park(self) -> None:
-        with self._resume:
-            self.parked.set()
-            if self._on_park is not None:
-                self._on_park(self.index)
-            while self._paused and not self._stop:
-                self._resume.wait()
-            self.parked.clear()
 
 
 def _thread_times(tid: int):

@@ -1,0 +1,151 @@
+"""The Unicorn software CPU runs the bundled guests as KVM does: the same
+serial output and exit status, the same devices, the same lifecycle.
+
+One parametrized test covers every guest that runs without an interrupt
+controller: add a guest to ``SAME_AS_KVM`` to cover it.  Lines that carry
+timings (TSC ticks) differ by nature and are left out of the comparison."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aiokvm import ConfigError, GuestError, Machine, MachineTimeout
+
+pytestmark = pytest.mark.skipif(__import__("importlib").util.find_spec("unicorn") is None,
+                                reason="unicorn is not installed (pip install -e '.[test]' installs it)")
+
+#: guest -> (command line, an ATA disk of this many bytes or None)
+SAME_AS_KVM = {
+    "hello": ("", None),
+    "exitloop": ("n=2000 port=0x80 cpl=3", None),
+    "unclaimed": ("", None),
+    "smp": ("", None),
+    "disktest": ("sectors=16 cpl=3", 64 << 10),  # small: Unicorn hands rep insw to the device per word
+}
+TIMING = re.compile(r"ticks|cycles|tsc|rtt", re.IGNORECASE)
+
+
+async def run_guest(accel: str, guest: str, cmdline: str, disk: str | None) -> tuple[object, str]:
+    async with Machine(accel=accel, name=f"{guest}-{accel}") as vm:
+        if disk is not None:
+            await vm.add_disk(f"{disk},if=ata")
+        vm.load(guest, cmdline=cmdline)
+        try:
+            outcome = await vm.run(timeout=120)
+        except GuestError as exc:
+            outcome = type(exc).__name__
+        output = "\n".join(line for line in vm.console.output.decode().splitlines() if not TIMING.search(line))
+        return outcome, output
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("guest", sorted(SAME_AS_KVM))
+async def test_a_guest_behaves_the_same_under_unicorn_as_under_kvm(guest, tmp_path):
+    cmdline, disk_bytes = SAME_AS_KVM[guest]
+    results, images = {}, {}
+    for accel in ("kvm", "unicorn"):
+        disk = None
+        if disk_bytes:
+            disk = str(tmp_path / f"{accel}.img")
+            with open(disk, "wb") as fh:
+                fh.truncate(disk_bytes)
+        results[accel] = await run_guest(accel, guest, cmdline, disk)
+        if disk:
+            images[accel] = hashlib.sha256(Path(disk).read_bytes()).hexdigest()
+    assert results["unicorn"] == results["kvm"]
+    assert results["kvm"][1]  # it said something
+    assert images.get("unicorn") == images.get("kvm")  # byte-identical disks
+
+
+@pytest.mark.kvm
+async def test_a_faulting_guest_ends_with_a_one_line_guest_error_under_both():
+    for accel, message in (("kvm", "triple-faulted"), ("unicorn", "instruction it cannot run at 0x")):
+        async with Machine(accel=accel) as vm:
+            vm.load("triplefault")
+            with pytest.raises(GuestError, match=message):
+                await vm.run(timeout=60)
+            assert "about to fault" in vm.console.output.decode()
+
+
+async def test_hlt_without_an_interrupt_controller_is_a_halt_exit():
+    async with Machine(accel="unicorn") as vm:
+        vm.load("idle")
+        status = await vm.run(timeout=60)
+        stats = vm.stats()
+    assert status.reason == "halt" and stats["exits"]["hlt"] == 1 and stats["accel"] == "unicorn"
+
+
+async def test_stop_pause_resume_and_timeout_reach_an_emulated_vcpu():
+    async with Machine(accel="unicorn") as vm:
+        vm.load("exitloop", cmdline="n=100000000 port=0x80 cpl=3")
+        run = asyncio.create_task(vm.run(timeout=60))
+        await asyncio.sleep(0.3)
+        await vm.pause()
+        paused_at = vm.stats()["exits"]["io"]
+        await asyncio.sleep(0.2)
+        assert vm.stats()["exits"]["io"] == paused_at  # nothing runs while paused
+        vm.resume()
+        await asyncio.sleep(0.2)
+        assert vm.stats()["exits"]["io"] > paused_at
+        vm.stop()
+        assert (await run).reason == "stopped"
+    async with Machine(accel="unicorn") as vm:
+        vm.load("exitloop", cmdline="n=100000000 port=0x80 cpl=3")
+        with pytest.raises(MachineTimeout):
+            await vm.run(timeout=0.3)
+
+
+async def test_loop_hosted_devices_and_inline_ones_both_see_the_guest():
+    class Sink:
+        def __init__(self):
+            self.writes = 0
+
+        def read(self, offset, size):
+            return 0
+
+        def write(self, offset, size, value):
+            self.writes += 1
+
+    for mode in ("inline", "loop"):
+        sink = Sink()
+        async with Machine(accel="unicorn") as vm:
+            vm.add_device(sink, pio=(0x80, 1), mode=mode, name="sink")
+            vm.load("exitloop", cmdline="n=500 port=0x80 cpl=3")
+            assert (await vm.run(timeout=60)).code == 0
+            stats = vm.stats()
+        assert sink.writes == 500 and stats["paths"][f"sink/{mode}"] == 500
+
+
+async def test_what_unicorn_lacks_is_a_clear_config_error(tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 16))
+    with pytest.raises(ConfigError, match="runs one vCPU"):
+        async with Machine(accel="unicorn", vcpus=2):
+            pass
+    async with Machine(accel="unicorn") as vm:
+        with pytest.raises(ConfigError, match="cannot run virtio devices"):
+            await vm.add_disk(str(image))  # virtio by default
+        with pytest.raises(ConfigError, match="no ioeventfd"):
+            from aiokvm.kernel_paths import IoEvent
+
+            vm.add_device(object(), pio=(0x80, 1), mode="loop", ioeventfds=[IoEvent(0, 1)])
+
+
+def test_auto_falls_back_to_unicorn_where_kvm_is_unusable_and_says_so():
+    env = {**os.environ, "AIOKVM_KVM_DEVICE": "/nonexistent/kvm"}
+    proc = subprocess.run([sys.executable, "-m", "aiokvm", "run", "hello", "--accel", "auto"], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Hello from aiokvm guest" in proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        "aiokvm: /nonexistent/kvm does not exist: running on the unicorn software CPU (accel=auto)"]
+    info = subprocess.run([sys.executable, "-m", "aiokvm", "info"], capture_output=True, text=True, timeout=60, env=env)
+    assert "unicorn   usable" in info.stdout
