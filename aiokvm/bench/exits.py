@@ -78,6 +78,7 @@ import uvloop
 
 import aiokvm
 from aiokvm import guests
+from aiokvm.cpu.emulated import unicorn_available
 from aiokvm.handoff import DEFAULT_HANDOFF, HANDOFFS
 from aiokvm.machine import IoEvent
 
@@ -138,13 +139,17 @@ class Spec:
     setup: str = "none"  # vm rows: none | inline | loop | ioeventfd | coalesced | mmio-loop
     poll_window_us: float | None = None  # None: Machine's default
     alt: bool = True     # interleave unclaimed batches (the in-run ratio); False: only the n exits
+    accel: str = "kvm"   # the CPU backend of vm rows: kvm | unicorn
+    work: int = 0        # exitloop work=: multiply-adds before each exit (the crossover sweep)
     samples: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     unavailable: str | None = None
 
 
-def cmdline(n: int, cpl: int, mmio: bool = False, vcpus: int = 1, alt: bool = True) -> str:
+def cmdline(n: int, cpl: int, mmio: bool = False, vcpus: int = 1, alt: bool = True, work: int = 0) -> str:
     parts = [f"n={n}", f"port={SINK_PORT:#x}", "tsc=1"]
+    if work:
+        parts.append(f"work={work}")
     if vcpus > 1:
         parts.append(f"cpus={vcpus}")
     elif n >= BATCHES and alt:
@@ -181,11 +186,17 @@ def build_specs(cpls: list[int], n: int, quick: bool) -> list[Spec]:
         # The default handoff with the default poll window: a wakeup per batch.
         specs.append(Spec("loop:spin", "loop:spin@500us", "vm", cpl, n, loop="uvloop", handoff="spin",
                           setup="loop", poll_window_us=500.0))
+        # The software CPU: no exit to user mode at all, every instruction emulated instead.
+        for setup in ("inline", "loop"):
+            specs.append(Spec(f"unicorn:{setup}", f"unicorn:{setup}", "vm", cpl, n, loop="uvloop", setup=setup,
+                              accel="unicorn"))
+            if unicorn_available() is not None:
+                specs[-1].unavailable = unicorn_available()
         for mech in TWO_VCPU_MECHS:
             specs.append(Spec(f"loop:{mech}", f"loop:{mech}:2vcpu", "vm", cpl, slow_n if mech in SLOW_MECHS else n,
                               loop="uvloop", vcpus=2, handoff=mech, setup="loop"))
     for spec in specs:
-        if spec.kind == "vm" and spec.vcpus == 1 and spec.poll_window_us is None:
+        if spec.kind == "vm" and spec.vcpus == 1 and spec.poll_window_us is None and spec.accel == "kvm":
             spec.poll_window_us = BUSY_POLL_WINDOW_US
     return specs
 
@@ -240,7 +251,7 @@ def mode_fractions(stats: dict) -> dict | None:
 
 
 async def run_vm(spec: Spec) -> dict:
-    kwargs = {"memory": "64M", "vcpus": spec.vcpus}
+    kwargs = {"memory": "64M", "vcpus": spec.vcpus, "accel": spec.accel}
     if spec.handoff is not None:
         kwargs["handoff"] = spec.handoff
     if spec.poll_window_us is not None:
@@ -257,7 +268,8 @@ async def run_vm(spec: Spec) -> dict:
             vm.add_device(sink, mmio=(SINK_MMIO, 0x1000), mode="loop", name="sink")
         elif spec.setup == "coalesced":
             vm.add_device(sink, mmio=(SINK_MMIO, 0x1000), mode="loop", name="sink", coalesced=True)
-        vm.load("exitloop", cmdline=cmdline(spec.n, spec.cpl, mmio=mmio, vcpus=spec.vcpus, alt=spec.alt))
+        vm.load("exitloop", cmdline=cmdline(spec.n, spec.cpl, mmio=mmio, vcpus=spec.vcpus, alt=spec.alt,
+                                            work=spec.work))
         cpu0 = cpu_seconds(resource.RUSAGE_SELF)
         start = time.perf_counter()
         status = await vm.run(timeout=120)
@@ -539,6 +551,44 @@ def selected(spec: Spec, only: set[str] | None) -> bool:
     return only is None or spec.path == "c" or spec.path in only or spec.label in only
 
 
+CROSSOVER_WORK = (0, 10, 30, 100, 300, 1000, 3000, 10000)
+
+
+def crossover(tsc_hz: float, cpl: int, works=CROSSOVER_WORK, steps=None) -> dict:
+    """The work per exit at which KVM overtakes emulation: ``exitloop work=W`` (W dependent
+    multiply-adds, then one port write to an inline device) under KVM and under Unicorn,
+    cost per iteration from the guest's TSC (Unicorn's rdtsc reads the host's TSC too)."""
+    rows = []
+    bench = Bench(tsc_hz, None)
+    try:
+        for work in works:
+            n = max(200, int(4000 * 100 / (work + 100)))  # about the same wall time per run
+            row = {"work": work, "n": n}
+            for accel in ("kvm", "unicorn"):
+                spec = Spec(f"{accel}:inline", "crossover", "vm", cpl, n, loop="uvloop", setup="inline",
+                            alt=False, accel=accel, work=work)
+                samples = [bench.measure(spec) for _ in range(3)]
+                row[f"{accel}_us"] = round(statistics.median(s["us"] for s in samples), 3)
+                if steps is not None:
+                    steps.step(f"crossover work={work} {accel}")
+            row["unicorn_over_kvm"] = round(row["unicorn_us"] / row["kvm_us"], 3)
+            rows.append(row)
+    finally:
+        bench.close()
+    over = next((r["work"] for r in rows if r["unicorn_us"] > r["kvm_us"]), None)
+    return {"cpl": cpl, "rows": rows, "crossover_work": over}
+
+
+def print_crossover(result: dict) -> None:
+    print(f"crossover (CPL {result['cpl']}): exitloop work=W, then one exit to an inline device; us per iteration")
+    print(f"{'work':>8}{'kvm':>10}{'unicorn':>10}{'unicorn/kvm':>13}")
+    for r in result["rows"]:
+        print(f"{r['work']:>8}{r['kvm_us']:>10.3f}{r['unicorn_us']:>10.3f}{r['unicorn_over_kvm']:>13.2f}")
+    w = result["crossover_work"]
+    print(f"  KVM overtakes emulation at about {w} multiply-adds per exit" if w is not None else
+          "  emulation stayed ahead over the whole sweep")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="aiokvm bench exits", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, help="exits per run (20000; 5000 with --quick); "
@@ -549,6 +599,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pair-s", type=float, default=1.0,
                         help="rerun the C baseline before a row when its last run is older than this (seconds)")
     parser.add_argument("--only", help="comma-separated paths or labels to run (c always runs, for the ratios)")
+    parser.add_argument("--crossover", action="store_true",
+                        help="also sweep exitloop work= under KVM and Unicorn: where KVM overtakes emulation")
     parser.add_argument("--json", dest="json_path")
     parser.add_argument("--plot", metavar="FILE.png|svg", help="draw this benchmark's figure")
     args = parser.parse_args(argv)
@@ -606,6 +658,11 @@ def main(argv: list[str] | None = None) -> None:
             verdict = "-" if bar["met"] is None else ("met" if bar["met"] else "not met")
             print(f"  {bar['bar']} <= {bar['target']:.2f}x C: {fmt(bar['ratio_to_c'])} ({verdict}; "
                   f"paired {fmt(bar['ratio_to_c_paired'])}, in-run {fmt(bar['ratio_in_run'])})")
+    cross = None
+    if args.crossover and unicorn_available() is None:
+        with Steps(len(CROSSOVER_WORK) * 2, "crossover") as steps:
+            cross = crossover(tsc_hz, cpls[-1], steps=steps)
+        print_crossover(cross)
     checks = self_checks(rows)
     for check in checks:
         verdict = {None: "-", True: "within", False: "OUTSIDE"}[check["within_band"]]
@@ -615,7 +672,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json_path:
         with open(args.json_path, "w") as fh:
             json.dump({"benchmark": "exits", "guest": "exitloop", "n": n, "repeat": repeat,
-                       "machine": info, "bars": found, "self_checks": checks, "rows": rows}, fh, indent=2)
+                       "machine": info, "bars": found, "self_checks": checks, "rows": rows,
+                       "crossover": cross}, fh, indent=2)
     if args.plot:
         by_benchmark("exits", rows, args.plot)
 

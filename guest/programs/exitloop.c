@@ -8,6 +8,8 @@
  *          batch=B (one vCPU: also time each run of B exits and print the
  *          median and the fastest batch per exit; sporadic host noise such
  *          as preemption lands in a few batches and leaves the median)
+ *          work=W (W dependent multiply-adds before each exit: a compute-
+ *          bound guest, for the emulation/KVM crossover; out only)
  *          alt=P (with batch: after each batch, altn=K (default B) exits on
  *          port P, or at MMIO address P with mmio=; prints the median of
  *          the per-pair ratios of cost per exit, batch / alt)
@@ -65,10 +67,29 @@ static char opt_mode[8] = "out";
 static uint32_t finished;
 static spinlock_t print_lock;
 
+static uint64_t opt_work;
+static uint64_t work_sink;
+
+/* work=W: W dependent multiply-adds before each exit (a compute-bound guest). */
+static void loop_work_out(uint16_t port, uint64_t n, uint64_t w)
+{
+	uint64_t x = work_sink | 1;
+
+	for (uint64_t i = 0; i < n; i++) {
+		for (uint64_t k = 0; k < w; k++)
+			x = x * 6364136223846793005ull + 1442695040888963407ull;
+		__asm__ volatile("" : "+r"(x));
+		outb(port, (uint8_t)x);
+	}
+	work_sink = x;
+}
+
 /* n exits of the configured kind on port (or at mmio). */
 static void run_exits(const char *mode, uint64_t port, uint64_t size, uint64_t mmio, uint64_t n)
 {
-	if (mmio)
+	if (opt_work)
+		loop_work_out((uint16_t)port, n, opt_work);
+	else if (mmio)
 		loop_mmio((uintptr_t)mmio, n);
 	else if (mode[0] == 'i')
 		loop_in((uint16_t)port, (unsigned int)size, n);
@@ -201,6 +222,7 @@ int main(void)
 	uint64_t t0, t1, batch;
 
 	opt_str("mode", mode, sizeof(mode));
+	opt_work = opt_u64("work", 0);
 	if (size != 1 && size != 2 && size != 4) {
 		printf("exitloop: bad size=%lu\n", size);
 		return 2;

@@ -74,3 +74,16 @@ def test_net_benchmark_writes_rows_and_goals(tmp_path):
         assert {"qemu/kernel-bridge", "aiokvm/kernel-bridge", "qemu/vde_switch", "qemu/aiokvm-switch"} <= set(rows)
         assert all(rows[p]["x_seed"] > 0 for p in ("aiokvm", "aiokvm/kernel-bridge", "qemu/aiokvm-switch"))
         assert len(data["goals"]) == 4
+
+
+@pytest.mark.kvm
+def test_exits_benchmark_has_unicorn_rows_and_a_crossover_sweep(tmp_path):
+    data = run("exits.py", "--n", "300", "--repeat", "1", "--cpl", "3", "--only", "unicorn:inline,unicorn:loop",
+               "--crossover", tmp_path=tmp_path)
+    rows = {r["path"]: r for r in data["rows"]}
+    for path in ("unicorn:inline", "unicorn:loop"):
+        assert rows[path]["us_per_exit"] > 0 and rows[path]["delivered_writes"] == 300  # every write arrived
+    cross = data["crossover"]
+    assert [r["work"] for r in cross["rows"]] == [0, 10, 30, 100, 300, 1000, 3000, 10000]
+    assert all(r["kvm_us"] > 0 and r["unicorn_us"] > 0 for r in cross["rows"])
+    assert cross["crossover_work"] is None or cross["crossover_work"] in [r["work"] for r in cross["rows"]]
