@@ -61,6 +61,12 @@ class DeviceManager:
         self.coalesced_counts: dict[str, int] = {}
         self._coalesced_handle: asyncio.TimerHandle | None = None
         self.virtio: list = []  # (VirtioSlot, MmioTransport)
+        #: accel=unicorn has no kernel paths: per region, the notifies the emulated
+        #: CPU posts to the loop itself (what an ioeventfd would have signalled)
+        self.emulated = getattr(board, "accel", "kvm") == "unicorn"
+        self.emulated_ioevents: dict[int, list] = {}  # region id -> [(IoEvent, callback)]
+        self.emulated_counts: dict[str, int] = {}
+        self.interrupts_without_controller = 0
         self._virtio_frozen: str | None = None  # why no more virtio devices may come
 
     # -- attaching ---------------------------------------------------------------------
@@ -82,6 +88,9 @@ class DeviceManager:
         name = name or type(device).__name__
         if any(a.name == name for a in self.attached):
             raise ConfigError(f"a device named {name!r} is already attached; give another name=")
+        if coalesced and self.emulated:
+            raise ConfigError(f"{name}: accel=unicorn has no coalesced MMIO ring (a KVM kernel path); attach "
+                              "without coalesced=True")
         if coalesced and mode is not HandlerMode.LOOP:
             raise ConfigError(f"{name}: coalesced writes are delivered on the loop; use mode='loop'")
         for spec in ioeventfds:
@@ -89,7 +98,9 @@ class DeviceManager:
                 raise ConfigError(f"ioeventfd offset {spec.offset:#x} is outside the device's {length:#x} bytes")
         region = self.bus.register(space, base, length, device, mode=mode, name=name)
         try:
-            for spec in ioeventfds:
+            for spec in ioeventfds if self.emulated else ():
+                self.emulated_ioevents.setdefault(region.id, []).append((spec, self._ioevent_callback(region, spec)))
+            for spec in () if self.emulated else ioeventfds:
                 self.ioeventfds.append((region, IoEventFd(
                     self._board.vm, self._loop, addr=base + spec.offset, size=spec.size, pio=space is Space.PIO,
                     datamatch=spec.datamatch, callback=self._ioevent_callback(region, spec),
@@ -126,8 +137,12 @@ class DeviceManager:
         slot = self._board.virtio_slots.allocate()
         line = None
         try:
-            line = self.irqfd(slot.irq)
-            transport = MmioTransport(device, self._board.memory, line.trigger)
+            if self.emulated:
+                trigger = self._no_interrupt_controller  # the guest kit's drivers poll
+            else:
+                line = self.irqfd(slot.irq)
+                trigger = line.trigger
+            transport = MmioTransport(device, self._board.memory, trigger)
             queues = range(len(device.queue_max_sizes))
             notify = [IoEvent(QUEUE_NOTIFY, 4, datamatch=q) for q in queues] if ioeventfd else []
             self.attach(transport, mmio=(slot.base, slot.size), name=name or f"virtio{slot.index}", ioeventfds=notify)
@@ -140,6 +155,10 @@ class DeviceManager:
         self._bind_log(device, name or f"virtio{slot.index}")
         self.virtio.append((slot, transport))
         return transport
+
+    def _no_interrupt_controller(self) -> None:
+        """accel=unicorn: an interrupt a device raises has no controller to go to; counted."""
+        self.interrupts_without_controller += 1
 
     def detach(self, region: Region) -> None:
         """Undo ``attach`` of one region (its ioeventfds, and its device's record
@@ -245,6 +264,8 @@ class DeviceManager:
             paths[key] = paths.get(key, 0) + efd.count
         for name, count in self.coalesced_counts.items():
             paths[f"{name}/coalesced"] = count
+        for name, count in self.emulated_counts.items():
+            paths[f"{name}/notify"] = count  # accel=unicorn: posted to the loop without an exit
         return paths
 
     # -- closing -----------------------------------------------------------------------

@@ -281,9 +281,6 @@ class Machine:
         ``aclose()`` is closed with the machine.
         """
         self._require_open()
-        if self.accel == "unicorn" and (ioeventfds or coalesced):
-            raise ConfigError("accel=unicorn has no ioeventfd or coalesced MMIO (KVM's kernel paths); "
-                              "attach the device without them, or use accel=kvm")
         return self.devices.attach(device, pio=pio, mmio=mmio, mode=mode, name=name, ioeventfds=ioeventfds,
                                    coalesced=coalesced)
 
@@ -297,7 +294,6 @@ class Machine:
         for measurement); interrupts go through an irqfd.  Returns the transport.
         """
         self._require_open()
-        self._require_kvm("virtio devices (their notifies and interrupts go through ioeventfd and irqfd)")
         return self.devices.attach_virtio(device, ioeventfd=ioeventfd, name=name)
 
     def _require_kvm(self, what: str) -> None:
@@ -430,8 +426,9 @@ class Machine:
             from .cpu.emulated import EmulatedVcpuThread
 
             self._threads = [EmulatedVcpuThread(vcpu, bus=self.bus, memory=self.memory, loop=self._loop,
-                                                on_exit=self._on_exit, on_stop=self._on_vcpu_stop,
-                                                on_park=self._vcpu_parked) for vcpu in self.vcpus]
+                                                devices=self.devices, on_exit=self._on_exit,
+                                                on_stop=self._on_vcpu_stop, on_park=self._vcpu_parked)
+                             for vcpu in self.vcpus]
         else:
             self._threads = [
                 VcpuThread(vcpu, self.dispatcher, on_exit=self._on_exit, on_stop=self._on_vcpu_stop,

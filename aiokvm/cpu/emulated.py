@@ -21,10 +21,13 @@ raises ``UC_ERR_INSN_INVALID``, including ``ud2``, before the guest's IDT
 sees it) ends the run with ``GuestError`` naming the address, where KVM
 would deliver #UD to the guest.
 
-What it lacks: an interrupt controller (a guest that halts to wait for an
+Where KVM would signal an ioeventfd (virtio's QueueNotify), the thread
+posts the device's notify to the loop and runs on: no wait, as with KVM.
+Where KVM would raise an irqfd, there is no interrupt controller to go to:
+the interrupt is counted (``interrupts_without_controller``) and the guest
+kit's polled drivers do not need it.  A guest that halts to wait for an
 interrupt ends with ``Halt``; reads of the local APIC's ID and version are
-answered so one-CPU guests find themselves), ioeventfd/irqfd (virtio
-devices are refused with a ``ConfigError``), and more than one vCPU.
+answered so one-CPU guests find themselves.  One vCPU only.
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ class EmulatedVcpuThread(ThreadControl):
     accel = "unicorn"
 
     def __init__(self, vcpu: EmulatedVcpu, *, bus, memory: GuestMemory, loop: asyncio.AbstractEventLoop,
-                 on_exit: Callable, on_stop: Callable, on_park: Callable | None = None) -> None:
+                 devices, on_exit: Callable, on_stop: Callable, on_park: Callable | None = None) -> None:
         from ..metrics import LatencyHistograms, VcpuMetrics
 
         self.vcpu = vcpu
@@ -123,6 +126,7 @@ class EmulatedVcpuThread(ThreadControl):
         self.bus = bus
         self.memory = memory
         self.loop = loop
+        self.devices = devices
         self.metrics = VcpuMetrics(vcpu.index)
         self.ctx = ffi.new("struct aiokvm_vcpu *")  # the KVM backend's counters, kept here by hand
         self.pio_counts = ffi.new("uint64_t[]", 0x20000)
@@ -258,8 +262,17 @@ class EmulatedVcpuThread(ThreadControl):
             else:
                 ctx.unclaimed_mmio_writes += 1
             return MASKS.get(size, 0xFF) if value is None else 0  # unclaimed reads float high
-        ctx.region_hits[region.id] += 1
         offset = addr - region.base
+        if value is not None and region.id in self.devices.emulated_ioevents:
+            for spec, callback in self.devices.emulated_ioevents[region.id]:
+                if spec.offset == offset and spec.size == size and spec.datamatch in (None, value):
+                    # what an ioeventfd does: signal the loop, and let the guest run on
+                    ctx.exits -= 1
+                    counts = self.devices.emulated_counts
+                    counts[region.name] = counts.get(region.name, 0) + 1
+                    self.loop.call_soon_threadsafe(callback, 1)
+                    return 0
+        ctx.region_hits[region.id] += 1
         started = time.perf_counter_ns()
         try:
             if region.mode is HandlerMode.INLINE:
