@@ -17,9 +17,11 @@ The thread runs the guest in slices of ``SLICE`` instructions and looks at
 stop and pause requests between them, so ``stop()``, ``pause()`` and
 timeouts work; a device can also stop a slice (``emu_stop``).  Exits map to
 the KVM backend's: HLT is ``Halt``; an instruction Unicorn cannot run (it
-raises ``UC_ERR_INSN_INVALID``, including ``ud2``, before the guest's IDT
-sees it) ends the run with ``GuestError`` naming the address, where KVM
-would deliver #UD to the guest.
+raises ``UC_ERR_INSN_INVALID``, including ``ud2``) and a CPU exception
+(``UC_ERR_EXCEPTION``: Unicorn does not deliver exceptions through the
+guest's IDT) end the run with a ``GuestError`` naming the address, where
+KVM would deliver them to the guest (and report a triple fault when the
+guest has no handler).
 
 Where KVM would signal an ioeventfd (virtio's QueueNotify), the thread
 posts the device's notify to the loop and runs on: no wait, as with KVM.
@@ -187,7 +189,7 @@ class EmulatedVcpuThread(ThreadControl):
         return uc
 
     def _run(self) -> None:
-        from unicorn import UC_ERR_INSN_INVALID, UcError
+        from unicorn import UC_ERR_EXCEPTION, UC_ERR_INSN_INVALID, UcError
         from unicorn.x86_const import UC_X86_REG_EIP
 
         if self.vcpu.entry is None:
@@ -208,6 +210,10 @@ class EmulatedVcpuThread(ThreadControl):
                 if exc.errno == UC_ERR_INSN_INVALID:
                     raise GuestError(f"the emulated CPU met an instruction it cannot run at {pc:#x} "
                                      "(accel=unicorn; under KVM the guest would get #UD)", vcpu=self.index) from None
+                if exc.errno == UC_ERR_EXCEPTION:
+                    raise GuestError(f"the guest raised a CPU exception at {pc:#x}, which accel=unicorn cannot "
+                                     "deliver to its IDT (under KVM its handler would run, or the guest would "
+                                     "triple-fault without one)", vcpu=self.index) from None
                 raise GuestError(f"the emulated CPU stopped at {pc:#x}: {exc}", vcpu=self.index) from None
             finally:
                 self.ctx.kvm_run_ns += time.perf_counter_ns() - started  # "guest" time: inside emu_start

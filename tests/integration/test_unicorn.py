@@ -88,12 +88,15 @@ async def test_emulated_and_kvm_machines_share_a_loop_and_a_switch():
 
 
 @pytest.mark.kvm
-async def test_a_faulting_guest_ends_with_a_one_line_guest_error_under_both():
-    for accel, message in (("kvm", "triple-faulted"), ("unicorn", "instruction it cannot run at 0x")):
+@pytest.mark.parametrize("how, unicorn_says", [("ud2", "instruction it cannot run at 0x"),
+                                               ("de", "CPU exception at 0x[0-9a-f]+, which accel=unicorn cannot")])
+async def test_a_faulting_guest_ends_with_a_one_line_guest_error_under_both(how, unicorn_says):
+    for accel, message in (("kvm", "triple-faulted"), ("unicorn", unicorn_says)):
         async with Machine(accel=accel) as vm:
-            vm.load("triplefault")
-            with pytest.raises(GuestError, match=message):
+            vm.load("triplefault", cmdline=f"how={how}")
+            with pytest.raises(GuestError, match=message) as raised:
                 await vm.run(timeout=60)
+            assert "\n" not in str(raised.value)
             assert "about to fault" in vm.console.output.decode()
 
 
