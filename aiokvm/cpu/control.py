@@ -9,6 +9,28 @@ The requester sets the request (``_stop`` or ``_paused``), then calls
 from __future__ import annotations
 
 import threading
+from typing import Protocol
+
+
+class VcpuRunner(Protocol):
+    """What ``Machine`` and ``metrics`` need of a vCPU thread, whatever the CPU backend
+    (``vcpu_thread.VcpuThread`` on KVM, ``emulated.EmulatedVcpuThread`` on Unicorn):
+
+    - ``start()``, ``kick()``, ``request_stop()``, ``pause()``, ``resume()``, ``join()``
+      and the ``parked`` event (``ThreadControl`` gives all but ``start`` and ``kick``);
+    - ``index``, ``thread`` (the ``threading.Thread``), ``native_id``;
+    - the counters ``metrics`` reads: ``ctx`` (the C loop's ``struct aiokvm_vcpu``, which
+      the emulated backend fills from Python), ``pio_counts``, ``latency``, ``metrics``,
+      ``started_ns``/``ended_ns``, ``times_start``/``times_end``; and ``accel``
+      ("kvm" unless said otherwise), which picks how the mode split is made.
+    """
+
+    index: int
+    parked: threading.Event
+
+    def start(self) -> None: ...
+    def kick(self) -> None: ...
+    def request_stop(self) -> None: ...
 
 
 class ThreadControl:

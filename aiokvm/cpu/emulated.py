@@ -44,7 +44,7 @@ import structlog
 
 from ..bus import HandlerMode, Space
 from ..errors import ConfigError, DeviceError, GuestError
-from ..kvm import ffi
+from ..kvm import ffi, lib
 from ..memory import GuestMemory
 from .control import ThreadControl
 from .exits import Halt
@@ -54,6 +54,8 @@ log = structlog.get_logger("aiokvm.cpu")
 SLICE = 200_000  # instructions per emu_start: the longest a stop or pause waits
 MMIO_HOLE = (0xC000_0000, 0x1_0000_0000)
 LAPIC_BASE = 0xFEE0_0000
+HANDLER_HIST = 1  # metrics.LATENCIES: exit_to_handler, handler, handler_to_entry (the last two have no
+                  # meaning without a mode switch: only "handler" is recorded)
 MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 
 
@@ -294,7 +296,9 @@ class EmulatedVcpuThread(ThreadControl):
             self._uc.emu_stop()
             return 0
         finally:
-            ctx.python_ns += time.perf_counter_ns() - started
+            spent = time.perf_counter_ns() - started
+            ctx.python_ns += spent
+            lib.aiokvm_hist_record(ctx.hist + HANDLER_HIST, spent)  # the "handler" latency histogram
         if self._stop or self._paused:
             self._stopped_by_device = True
             self._uc.emu_stop()  # a device asked the machine to stop (debug-exit): end the slice here

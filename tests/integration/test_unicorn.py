@@ -147,6 +147,8 @@ async def test_loop_hosted_devices_and_inline_ones_both_see_the_guest():
             assert (await vm.run(timeout=60)).code == 0
             stats = vm.stats()
         assert sink.writes == 500 and stats["paths"][f"sink/{mode}"] == 500
+        assert stats["vcpus"][0]["latency"]["handler"]["count"] >= 500  # the sink's and the serial port's
+        assert stats["vcpus"][0]["pio"]["0x80/out"] == 500 and stats["vcpus"][0]["modes"]["guest_s"] > 0
 
 
 async def test_what_unicorn_lacks_is_a_clear_config_error():
