@@ -28,6 +28,7 @@ SAME_AS_KVM = {
     "exitloop-work": ("exitloop", "n=500 port=0x80 work=100 cpl=3", None),
     "unclaimed": ("unclaimed", "", None),
     "smp": ("smp", "", None),
+    "iostress": ("iostress", "", None),  # no device at its port: the same errors, counted the same
     # small disks: Unicorn hands rep insw to the device a word at a time
     "disktest-ata": ("disktest", "sectors=16 cpl=3", "ata"),
     "disktest-virtio": ("disktest", "sectors=16 cpl=3", "virtio"),
@@ -100,9 +101,11 @@ async def test_a_faulting_guest_ends_with_a_one_line_guest_error_under_both(how,
             assert "about to fault" in vm.console.output.decode()
 
 
-async def test_hlt_without_an_interrupt_controller_is_a_halt_exit():
+@pytest.mark.parametrize("guest", ["idle", "irqtest"])
+async def test_a_guest_waiting_for_an_interrupt_ends_with_a_halt_not_a_hang(guest):
+    """There is no interrupt controller: a guest that halts to wait for one halts for good."""
     async with Machine(accel="unicorn") as vm:
-        vm.load("idle")
+        vm.load(guest)
         status = await vm.run(timeout=60)
         stats = vm.stats()
     assert status.reason == "halt" and stats["exits"]["hlt"] == 1 and stats["accel"] == "unicorn"
