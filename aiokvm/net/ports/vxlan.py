@@ -41,6 +41,17 @@ def vxlan_header(vni: int) -> bytes:
     return bytes((FLAG_VNI, 0, 0, 0)) + vni.to_bytes(3, "big") + b"\x00"
 
 
+def decapsulate(data: bytes, vni: int) -> tuple[bytes | None, str]:
+    """The inner frame of a VXLAN packet for ``vni``, or (None, why it is dropped)."""
+    if len(data) < HEADER_LEN:
+        return None, "runt"
+    if data[0] != FLAG_VNI or data[1] or data[2] or data[3] or data[7]:
+        return None, "bad_header"  # Linux drops any other flag or reserved bit
+    if int.from_bytes(data[4:7], "big") != vni:
+        return None, "other_vni"
+    return data[HEADER_LEN:], ""
+
+
 class VxlanPort(FramedFdPort):
     kind = "vxlan"
 
@@ -91,17 +102,10 @@ class VxlanPort(FramedFdPort):
 
     def _recv(self) -> bytes | None:
         data, (ip, _port) = self._sock.recvfrom(READ_SIZE)
-        drops = self.counters.drops
-        if len(data) < HEADER_LEN:
-            drops["runt"] += 1
+        frame, dropped = decapsulate(data, self.vni)
+        if frame is None:
+            self.counters.drops[dropped] += 1
             return None
-        if data[0] != FLAG_VNI or data[1] or data[2] or data[3] or data[7]:
-            drops["bad_header"] += 1
-            return None
-        if int.from_bytes(data[4:7], "big") != self.vni:
-            drops["other_vni"] += 1
-            return None
-        frame = data[HEADER_LEN:]
         if len(frame) >= 12 and not frame[6] & 1:  # learn unicast sources only
             self._learn(frame[6:12], ip)
         return frame
