@@ -298,7 +298,7 @@ class Machine:
 
     def _require_kvm(self, what: str) -> None:
         if self.accel != "kvm":
-            raise ConfigError(f"accel={self.accel} cannot run {what} yet: use accel=kvm, or an ATA disk")
+            raise ConfigError(f"accel={self.accel} has no {what}: use accel=kvm")
 
     async def add_disk(self, disk, *, interface: str | None = None, read_only: bool | None = None,
                        ioeventfd: bool = True):
@@ -391,10 +391,7 @@ class Machine:
         # What QEMU's auto-kernel-cmdline adds for each virtio-mmio device.
         cmdline = " ".join([cmdline, *self.board.virtio_slots.cmdline_entries()]).strip()
         start_info = boot.write_start_info(self.memory, cmdline)
-        if self.accel == "unicorn":
-            self.board.boot_entry(image.entry32, start_info)
-        else:
-            boot.pvh_initial_state(self.vcpus[0], image.entry32, start_info)
+        self.board.boot_entry(image.entry32, start_info)  # the board knows how its vCPU starts
         self.devices.freeze_virtio("load()")
         self.cmdline = cmdline
         self._loaded = path

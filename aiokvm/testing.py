@@ -107,6 +107,19 @@ class VirtqueueDriver:
     def set_no_interrupt(self, flag: bool) -> None:
         self.memory.write_u16(self.avail_addr, 1 if flag else 0)
 
+    def program(self, write, index: int) -> None:
+        """Set this queue up as queue ``index`` of a virtio-mmio transport and make it
+        ready, the way a driver does: ``write(offset, value)`` writes a 32-bit register."""
+        from .devices.virtio import mmio
+
+        write(mmio.QUEUE_SEL, index)
+        write(mmio.QUEUE_NUM, self.size)
+        for reg, addr in ((mmio.QUEUE_DESC_LOW, self.desc_addr), (mmio.QUEUE_DRIVER_LOW, self.avail_addr),
+                          (mmio.QUEUE_DEVICE_LOW, self.used_addr)):
+            write(reg, addr & 0xFFFFFFFF)
+            write(reg + 4, addr >> 32)
+        write(mmio.QUEUE_READY, 1)
+
     def start_at(self, idx: int) -> None:
         """Pretend the queue already carried ``idx`` chains: avail.idx = used.idx = idx.
 

@@ -30,7 +30,7 @@ import uvloop
 from aiokvm import Machine, guests
 
 from .hostinfo import fmt, qemu_microvm_cmd
-from .plot import by_benchmark, check_path
+from .plot import add_output_options, by_benchmark, parse_with_outputs
 from .progress import Steps
 
 
@@ -65,11 +65,8 @@ async def time_inprocess() -> float | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="aiokvm bench boot", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--json", dest="json_path")
-    parser.add_argument("--plot", metavar="FILE.png|svg", help="draw this benchmark's figure")
-    args = parser.parse_args(argv)
-    if args.plot:
-        check_path(args.plot)
+    add_output_options(parser)
+    args = parse_with_outputs(parser, argv)
 
     elf = str(guests.path("hello"))
     paths = {"aiokvm-process": [sys.executable, "-m", "aiokvm", "run", "hello"], "qemu-process": qemu_cmd(elf)}

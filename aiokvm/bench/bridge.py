@@ -23,7 +23,7 @@ import time
 from aiokvm.net import Bridge
 from aiokvm.net.frames import push_tag
 
-from .plot import by_benchmark, check_path
+from .plot import add_output_options, by_benchmark, parse_with_outputs
 from .progress import Steps
 
 
@@ -78,30 +78,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="aiokvm bench bridge", description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--json", dest="json_path")
-    parser.add_argument("--plot", metavar="FILE.png|svg", help="draw this benchmark's figure")
-    args = parser.parse_args(argv)
-    if args.plot:
-        check_path(args.plot)
+    add_output_options(parser)
+    args = parse_with_outputs(parser, argv)
 
     rows = []
-    steps = Steps(3, "bridge").__enter__()
-    for ports in (4, 16, 64):
-        br, known, unknown = build(ports, vlan=False)
-        vbr, vknown, _ = build(ports, vlan=True)
-        samples: dict[str, list[float]] = {"dict": [], "known-unicast": [], "flood": [], "vlan-known": []}
-        for _ in range(args.repeat):
-            samples["dict"].append(dict_rate(known, args.frames))
-            samples["known-unicast"].append(rate(br.receive, known, args.frames))
-            samples["flood"].append(rate(br.receive, unknown, args.frames // 4))
-            samples["vlan-known"].append(rate(vbr.receive, vknown, args.frames))
-        floor = statistics.median(samples["dict"])
-        for path, values in samples.items():
-            median = statistics.median(values)
-            rows.append({"ports": ports, "path": path, "decisions_per_s": round(median),
-                         "ratio_to_dict": round(median / floor, 4)})
-        steps.step(f"{ports} ports")
-    steps.__exit__(None, None, None)
+    with Steps(3, "bridge") as steps:
+        for ports in (4, 16, 64):
+            br, known, unknown = build(ports, vlan=False)
+            vbr, vknown, _ = build(ports, vlan=True)
+            samples: dict[str, list[float]] = {"dict": [], "known-unicast": [], "flood": [], "vlan-known": []}
+            for _ in range(args.repeat):
+                samples["dict"].append(dict_rate(known, args.frames))
+                samples["known-unicast"].append(rate(br.receive, known, args.frames))
+                samples["flood"].append(rate(br.receive, unknown, args.frames // 4))
+                samples["vlan-known"].append(rate(vbr.receive, vknown, args.frames))
+            floor = statistics.median(samples["dict"])
+            for path, values in samples.items():
+                median = statistics.median(values)
+                rows.append({"ports": ports, "path": path, "decisions_per_s": round(median),
+                             "ratio_to_dict": round(median / floor, 4)})
+            steps.step(f"{ports} ports")
     print(f"{'ports':>5}  {'path':<15}{'decisions/s':>14}{'x dict':>9}")
     for row in rows:
         print(f"{row['ports']:>5}  {row['path']:<15}{row['decisions_per_s']:>14,}{row['ratio_to_dict']:>9.3f}")

@@ -125,7 +125,7 @@ class Demo:
         return specs
 
     def measure_disks(self, steps) -> None:
-        from .disk import IMAGE_BYTES, Bench, io_phase, make_image  # noqa: F401 - IMAGE_BYTES sizes the image
+        from .disk import Bench, io_phase, make_image
 
         image = os.path.join(self.tmp, "disk.img")
         make_image(image)
@@ -162,7 +162,7 @@ class Demo:
             bench.close()
 
     # -- 3. network ------------------------------------------------------------------------
-    def measure_net(self, steps) -> None:
+    def net_runs(self) -> list:
         from . import net
 
         n = 10000 if self.quick else 50000
@@ -172,7 +172,10 @@ class Demo:
                  lambda: asyncio.run(net.run_aiokvm(64, n // 5, False, self.tsc_hz)))]
         if self.with_qemu:
             runs.append(("QEMU, -netdev dgram pair", "qemu", lambda: net.run_qemu(64, n, self.tsc_hz)))
-        for label, path, run in runs:
+        return runs
+
+    def measure_net(self, steps) -> None:
+        for label, path, run in self.net_runs():
             samples = []
             for _ in range(self.repeat):
                 try:
@@ -193,7 +196,7 @@ class Demo:
             })
 
     def total_steps(self) -> int:
-        return self.repeat * (len(self.exit_specs()) + len(self.disk_specs()) + (3 if self.with_qemu else 2))
+        return self.repeat * (len(self.exit_specs()) + len(self.disk_specs()) + len(self.net_runs()))
 
     def run(self) -> None:
         from .progress import Steps

@@ -56,7 +56,7 @@ import aiokvm
 from aiokvm import guests
 
 from .hostinfo import calibrate_tsc, fmt, machine_info, median_of, note_problems, qemu_microvm_cmd
-from .plot import check_path
+from .plot import add_output_options, by_benchmark, parse_with_outputs
 from .progress import Steps
 
 IMAGE_BYTES = 64 << 20
@@ -507,11 +507,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", help="comma-separated filters, a row must match every category named: "
                         "devices (ata-word, ata-rep, virtio-qd1, virtio-qd16, virtio), "
                         "vmms (aiokvm, aiokvm/no-ioefd, qemu, host), patterns (seq, rand), block sizes (4k, 128k)")
-    parser.add_argument("--json", dest="json_path")
-    parser.add_argument("--plot", metavar="FILE.png|svg", help="draw this benchmark's figure")
-    args = parser.parse_args(argv)
-    if args.plot:
-        check_path(args.plot)
+    add_output_options(parser)
+    args = parse_with_outputs(parser, argv)
     repeat = args.repeat or (2 if args.quick else 3)
     specs = build_specs(args.quick, parse_only(args.only))
     if not specs:
@@ -535,24 +532,23 @@ def main(argv: list[str] | None = None) -> None:
                     run_qemu(bench.elf, image, Spec("qemu", "virtio", "seq", 4 * KIB, 1, 1 << 20))
                 except (RuntimeError, subprocess.TimeoutExpired):
                     pass  # the rows will say what is wrong
-            steps = Steps(repeat * len(runnable), "disk").__enter__()
-            for round_no in range(repeat):
-                bench.warm_cache()
-                for config, spec in configs.items():
-                    try:
-                        bench.baseline(spec, round_no)
-                    except Exception as exc:  # measured, not asserted: those rows go without deltas
-                        for other in runnable:
-                            if other.config == config:
-                                other.errors.append(f"baseline: {type(exc).__name__}: {exc}")
-                k = round_no * len(runnable) // repeat
-                for spec in runnable[k:] + runnable[:k]:  # rotate: drift spreads over all rows
-                    try:
-                        spec.samples.append(bench.measure(spec))
-                    except Exception as exc:  # measured, not asserted: keep going
-                        spec.errors.append(f"{type(exc).__name__}: {exc}")
-                    steps.step(f"{spec.key}, round {round_no + 1}/{repeat}")
-            steps.__exit__(None, None, None)
+            with Steps(repeat * len(runnable), "disk") as steps:
+                for round_no in range(repeat):
+                    bench.warm_cache()
+                    for config, spec in configs.items():
+                        try:
+                            bench.baseline(spec, round_no)
+                        except Exception as exc:  # measured, not asserted: those rows go without deltas
+                            for other in runnable:
+                                if other.config == config:
+                                    other.errors.append(f"baseline: {type(exc).__name__}: {exc}")
+                    k = round_no * len(runnable) // repeat
+                    for spec in runnable[k:] + runnable[:k]:  # rotate: drift spreads over all rows
+                        try:
+                            spec.samples.append(bench.measure(spec))
+                        except Exception as exc:  # measured, not asserted: keep going
+                            spec.errors.append(f"{type(exc).__name__}: {exc}")
+                        steps.step(f"{spec.key}, round {round_no + 1}/{repeat}")
         finally:
             bench.close()
 
@@ -565,6 +561,8 @@ def main(argv: list[str] | None = None) -> None:
             json.dump({"benchmark": "disk", "guest": "diskbench", "repeat": repeat, "quick": args.quick,
                        "image_bytes": IMAGE_BYTES, "seed": SEED, "machine": info, "goals": found, "rows": rows,
                        "baselines": baseline_log(bench.baselines)}, fh, indent=2)
+    if args.plot:
+        by_benchmark("disk", rows, args.plot)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ from aiokvm.handoff import DEFAULT_HANDOFF, HANDOFFS
 from aiokvm.machine import IoEvent
 
 from .hostinfo import calibrate_tsc, fmt, machine_info, median_of, note_problems, qemu_microvm_cmd
-from .plot import by_benchmark, check_path
+from .plot import add_output_options, by_benchmark, parse_with_outputs
 from .progress import Steps
 
 HERE = Path(__file__).resolve().parent
@@ -601,11 +601,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", help="comma-separated paths or labels to run (c always runs, for the ratios)")
     parser.add_argument("--crossover", action="store_true",
                         help="also sweep exitloop work= under KVM and Unicorn: where KVM overtakes emulation")
-    parser.add_argument("--json", dest="json_path")
-    parser.add_argument("--plot", metavar="FILE.png|svg", help="draw this benchmark's figure")
-    args = parser.parse_args(argv)
-    if args.plot:
-        check_path(args.plot)
+    add_output_options(parser)
+    args = parse_with_outputs(parser, argv)
     n = args.n or (5000 if args.quick else 20000)
     repeat = args.repeat or (2 if args.quick else 5)
     cpls = [int(x) for x in args.cpl.split(",") if x.strip()]
@@ -629,21 +626,20 @@ def main(argv: list[str] | None = None) -> None:
             # Warm-up: imports, both loops, page cache for the ELF and the C binary.
             for loop in ("uvloop", "asyncio"):
                 bench.measure(Spec("unclaimed", "warm-up", "vm", 0, 500, loop=loop))
-            steps = Steps(repeat * len(runnable), "exits").__enter__()
-            for round_no in range(repeat):
-                k = round_no % max(len(runnable), 1)
-                for spec in runnable[k:] + runnable[:k]:  # rotate: drift spreads over all rows
-                    c_spec = c_specs.get(spec.cpl)
-                    if spec is not c_spec and c_spec is not None and (
-                            not c_spec.samples or time.perf_counter() - c_spec.samples[-1]["t"] > args.pair_s):
-                        measure_into(bench, c_spec)  # a fresh C reference next to this row
-                        if spec.cpl in c_path_specs and spec is not c_path_specs[spec.cpl]:
-                            measure_into(bench, c_path_specs[spec.cpl])
-                    measure_into(bench, spec)
-                    steps.step(f"{spec.label} CPL {spec.cpl}, round {round_no + 1}/{repeat}")
-                for c_spec in c_specs.values():  # close the round: every sample has a C run after it
-                    measure_into(bench, c_spec)
-            steps.__exit__(None, None, None)
+            with Steps(repeat * len(runnable), "exits") as steps:
+                for round_no in range(repeat):
+                    k = round_no % max(len(runnable), 1)
+                    for spec in runnable[k:] + runnable[:k]:  # rotate: drift spreads over all rows
+                        c_spec = c_specs.get(spec.cpl)
+                        if spec is not c_spec and c_spec is not None and (
+                                not c_spec.samples or time.perf_counter() - c_spec.samples[-1]["t"] > args.pair_s):
+                            measure_into(bench, c_spec)  # a fresh C reference next to this row
+                            if spec.cpl in c_path_specs and spec is not c_path_specs[spec.cpl]:
+                                measure_into(bench, c_path_specs[spec.cpl])
+                        measure_into(bench, spec)
+                        steps.step(f"{spec.label} CPL {spec.cpl}, round {round_no + 1}/{repeat}")
+                    for c_spec in c_specs.values():  # close the round: every sample has a C run after it
+                        measure_into(bench, c_spec)
         finally:
             bench.close()
 

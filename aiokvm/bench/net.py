@@ -50,7 +50,7 @@ from aiokvm import Machine, guests
 from aiokvm.net import Switch
 
 from .hostinfo import calibrate_tsc, fmt, machine_info
-from .plot import by_benchmark, check_path
+from .plot import add_output_options, by_benchmark, parse_with_outputs
 from .progress import Steps
 
 LINE = re.compile(rb"netbench: mode=(\w+) size=(\d+) frames=(\d+) bytes=(\d+) ticks=(\d+) tsc_hz=\d+ lost=(\d+)")
@@ -235,11 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="64,512,1514")
     parser.add_argument("--only", help="comma-separated row names (default: every row this host can run)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", dest="json_path")
-    parser.add_argument("--plot", metavar="FILE.png|svg", help="draw this benchmark's figure")
-    args = parser.parse_args(argv)
-    if args.plot:
-        check_path(args.plot)
+    add_output_options(parser)
+    args = parse_with_outputs(parser, argv)
     n = args.n or (20000 if args.quick else 100000)
     repeat = args.repeat or (1 if args.quick else 3)
     sizes = [int(x) for x in args.sizes.split(",")]
@@ -268,20 +265,19 @@ def main(argv: list[str] | None = None) -> None:
     skipped = [name for name in wanted if not available[name]]
     samples: dict[tuple[str, int], list[dict]] = {}
     errors: dict[tuple[str, int], str] = {}
-    steps = Steps(repeat * sum(1 for size in sizes for label in paths
-                               if label != "aiokvm no-ioeventfd" or size == 64), "net").__enter__()
-    for round_no in range(repeat):
-        for size in sizes:
-            for label in paths:
-                if label == "aiokvm no-ioeventfd" and size != 64:
-                    continue
-                try:
-                    sample = runners[label](size)
-                    samples.setdefault((label, size), []).append(sample)
-                except Exception as exc:  # measured, not asserted
-                    errors[(label, size)] = f"{type(exc).__name__}: {exc}"
-                steps.step(f"{label} {size} B, round {round_no + 1}/{repeat}")
-    steps.__exit__(None, None, None)
+    per_round = sum(1 for size in sizes for label in paths if label != "aiokvm no-ioeventfd" or size == 64)
+    with Steps(repeat * per_round, "net") as steps:
+        for round_no in range(repeat):
+            for size in sizes:
+                for label in paths:
+                    if label == "aiokvm no-ioeventfd" and size != 64:
+                        continue
+                    try:
+                        sample = runners[label](size)
+                        samples.setdefault((label, size), []).append(sample)
+                    except Exception as exc:  # measured, not asserted
+                        errors[(label, size)] = f"{type(exc).__name__}: {exc}"
+                    steps.step(f"{label} {size} B, round {round_no + 1}/{repeat}")
     info = machine_info(tsc_hz, tsc_source)
     rows = []
     for (label, size), runs in samples.items():

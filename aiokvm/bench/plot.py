@@ -24,6 +24,20 @@ def check_path(path: str) -> Path:
     return out
 
 
+def add_output_options(parser) -> None:
+    """``--json FILE`` and ``--plot FILE.png|svg``, which every benchmark takes."""
+    parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--plot", metavar="FILE.png|svg", help="draw this benchmark's figure")
+
+
+def parse_with_outputs(parser, argv):
+    """``parser.parse_args(argv)``, with a bad ``--plot`` name refused before anything is measured."""
+    args = parser.parse_args(argv)
+    if args.plot:
+        check_path(args.plot)
+    return args
+
+
 def bars(path: str, labels: list[str], values: list[float], *, title: str, xlabel: str,
          note: str = "") -> None:
     """Horizontal bars, one per row, largest at the bottom."""

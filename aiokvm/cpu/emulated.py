@@ -142,7 +142,7 @@ class EmulatedVcpuThread(ThreadControl):
         self.native_id = None
         self.started_ns = self.ended_ns = None
         self.times_start = self.times_end = None
-        self.instructions_slices = 0
+        self._stopped_by_device = False  # a device ended the last slice early (not a HLT)
         self.thread = threading.Thread(target=self._main, name=f"aiokvm-emu{self.index}", daemon=True)
 
     # -- control (any thread) ------------------------------------------------------------------
@@ -219,7 +219,6 @@ class EmulatedVcpuThread(ThreadControl):
                 raise GuestError(f"the emulated CPU stopped at {pc:#x}: {exc}", vcpu=self.index) from None
             finally:
                 self.ctx.kvm_run_ns += time.perf_counter_ns() - started  # "guest" time: inside emu_start
-                self.instructions_slices += 1
             if self._error is not None:
                 raise self._error
             pc = uc.reg_read(UC_X86_REG_EIP)
@@ -232,8 +231,6 @@ class EmulatedVcpuThread(ThreadControl):
                 self._on_exit(self.index, Halt())
                 return
             self._stopped_by_device = False
-
-    _stopped_by_device = False
 
     # -- accesses --------------------------------------------------------------------------------
     def _port_in(self, uc, port, size, user_data):

@@ -346,11 +346,7 @@ class SplitQueue:
         """
         if self.failure is not None:
             raise self.failure
-        limit = self._in_flight.get(head)
-        if limit is None:
-            raise ValueError(f"push of head {head}, which is not in flight")
-        if not 0 <= written <= limit:
-            raise ValueError(f"push of head {head} with {written} bytes written; it has {limit} writable")
+        self._check_push(head, written)
         del self._in_flight[head]
         slot = self._next_used % self.size
         # Slice stores, not pack_into: pack_into zero-fills its target first,
@@ -369,11 +365,9 @@ class SplitQueue:
             raise self.failure
         seen = set()
         for head, written in elements:
-            limit = self._in_flight.get(head)
-            if limit is None or head in seen:
-                raise ValueError(f"push of head {head}, which is not in flight")
-            if not 0 <= written <= limit:
-                raise ValueError(f"push of head {head} with {written} bytes written; it has {limit} writable")
+            if head in seen:
+                raise ValueError(f"push of head {head} twice in one batch")
+            self._check_push(head, written)
             seen.add(head)
         used, size, nxt = self._used, self.size, self._next_used
         for head, written in elements:
@@ -384,6 +378,14 @@ class SplitQueue:
         self._next_used = nxt
         used[2:4] = _U16.pack(nxt)  # after every element
         self.num_pushed += len(elements)
+
+    def _check_push(self, head: int, written: int) -> None:
+        """``ValueError`` for a device bug: ``head`` not in flight, or more written than it holds."""
+        limit = self._in_flight.get(head)
+        if limit is None:
+            raise ValueError(f"push of head {head}, which is not in flight")
+        if not 0 <= written <= limit:
+            raise ValueError(f"push of head {head} with {written} bytes written; it has {limit} writable")
 
     def unpop(self, head: int) -> None:
         """Give back the chain ``pop()`` returned last, untouched: the next

@@ -159,7 +159,7 @@ async def test_what_unicorn_lacks_is_a_clear_config_error():
         async with Machine(accel="unicorn", vcpus=2):
             pass
     async with Machine(accel="unicorn") as vm:
-        with pytest.raises(ConfigError, match="irqfd interrupt lines"):
+        with pytest.raises(ConfigError, match="has no irqfd interrupt lines"):
             vm.irqfd(5)
         with pytest.raises(ConfigError, match="no coalesced MMIO"):
             vm.add_device(object(), mmio=(0xD0000000, 0x1000), mode="loop", coalesced=True)

@@ -87,3 +87,15 @@ def test_exits_benchmark_has_unicorn_rows_and_a_crossover_sweep(tmp_path):
     assert [r["work"] for r in cross["rows"]] == [0, 10, 30, 100, 300, 1000, 3000, 10000]
     assert all(r["kvm_us"] > 0 and r["unicorn_us"] > 0 for r in cross["rows"])
     assert cross["crossover_work"] is None or cross["crossover_work"] in [r["work"] for r in cross["rows"]]
+
+
+@pytest.mark.kvm
+def test_disk_benchmark_writes_its_rows_and_draws_its_figure(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    plot = tmp_path / "disk.svg"
+    data = run("disk.py", "--quick", "--repeat", "1", "--only", "ata-rep,aiokvm,seq,4k", "--plot", str(plot),
+               tmp_path=tmp_path)
+    [row] = data["rows"]
+    assert row["key"] == "aiokvm:ata-rep:seq:4k:qd1" and row["mb_s"] > 0 and row["exits_per_mb"] > 0
+    assert ET.parse(plot).getroot().tag.endswith("svg")  # --plot used to be accepted and ignored here

@@ -11,6 +11,7 @@ import pytest
 
 from aiokvm.errors import ConfigError
 from aiokvm.net import Switch
+from aiokvm.net.ports.base import SwitchPort
 from aiokvm.net.ports.spec import parse_port_spec, port_from_spec
 
 FRAME = bytes.fromhex("02000000000b" "02000000000a" "88b5") + bytes(range(46))
@@ -25,21 +26,26 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+class SinkPort(SwitchPort):
+    """A port that records every frame the switch sends it."""
+
+    kind = "sink"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.frames: list[bytes] = []
+
+    def send(self, frame: bytes) -> bool:
+        self.frames.append(frame)
+        return True
+
+
 class Sink:
-    """A port on the switch that records what reaches it (the far side of a frame's path)."""
+    """A sink port added to ``sw`` (the far side of a frame's path)."""
 
     def __init__(self, sw: Switch, name: str = "sink") -> None:
-        from aiokvm.net.ports.base import SwitchPort
-
-        class _Port(SwitchPort):
-            kind = "sink"
-
-            def send(inner, frame: bytes) -> bool:  # noqa: N805 - the port's own self is `inner`
-                self.frames.append(frame)
-                return True
-
-        self.frames: list[bytes] = []
-        self.port = sw.add_port(_Port(name))
+        self.port = sw.add_port(SinkPort(name))
+        self.frames = self.port.frames
 
 
 async def stream_pair(sw: Switch, path: str):

@@ -74,12 +74,7 @@ class Guest:
         self.w(mmio.QUEUE_SEL, 0)
         assert self.r(mmio.QUEUE_NUM_MAX) >= QSIZE
         q = VirtqueueDriver(self.memory, QSIZE, 0x10000, event_idx=bool(self.offered() & mmio.F_EVENT_IDX))
-        self.w(mmio.QUEUE_NUM, QSIZE)
-        for reg, addr in ((mmio.QUEUE_DESC_LOW, q.desc_addr), (mmio.QUEUE_DRIVER_LOW, q.avail_addr),
-                          (mmio.QUEUE_DEVICE_LOW, q.used_addr)):
-            self.w(reg, addr & 0xFFFFFFFF)
-            self.w(reg + 4, addr >> 32)
-        self.w(mmio.QUEUE_READY, 1)
+        q.program(self.w, 0)
         self.w(mmio.STATUS, mmio.ACKNOWLEDGE | mmio.DRIVER | mmio.FEATURES_OK | mmio.DRIVER_OK)
         self.q = q
         return q

@@ -75,13 +75,7 @@ class Nic:
 
     def setup(self, index: int, base: int) -> VirtqueueDriver:
         q = VirtqueueDriver(self.memory, QSIZE, base, event_idx=True, data_size=0x100000)
-        self.w(mmio.QUEUE_SEL, index)
-        self.w(mmio.QUEUE_NUM, QSIZE)
-        for reg, addr in ((mmio.QUEUE_DESC_LOW, q.desc_addr), (mmio.QUEUE_DRIVER_LOW, q.avail_addr),
-                          (mmio.QUEUE_DEVICE_LOW, q.used_addr)):
-            self.w(reg, addr & 0xFFFFFFFF)
-            self.w(reg + 4, addr >> 32)
-        self.w(mmio.QUEUE_READY, 1)
+        q.program(self.w, index)
         return q
 
     def send(self, *frames: bytes, header: bytes | None = None) -> None:

@@ -16,7 +16,7 @@ import socket
 import stat
 
 from ...errors import ConfigError
-from .fd import READ_SIZE, FramedFdPort
+from .fd import FramedFdPort
 
 
 class DgramPort(FramedFdPort):
@@ -59,9 +59,6 @@ class DgramPort(FramedFdPort):
     @property
     def bound_port(self) -> int | None:
         return None if self._sock is None or self.family == socket.AF_UNIX else self._sock.getsockname()[1]
-
-    def _recv(self) -> bytes:
-        return self._sock.recv(READ_SIZE)
 
     def _write(self, frame: bytes) -> None:
         self._sock.sendto(frame, self.remote)

@@ -106,9 +106,7 @@ class FramedFdPort(SwitchPort):
                 break
             except OSError as exc:
                 self._count_error("read", exc)
-                if self._read_failed(exc):
-                    break
-                continue
+                break  # this round of reads ends; the next readiness event tries again
             if data is None:
                 continue
             frame = accept(data)
@@ -117,9 +115,6 @@ class FramedFdPort(SwitchPort):
         if frames:
             self.incoming_many(frames)
 
-    def _read_failed(self, exc: OSError) -> bool:
-        """After a read error: True to stop this round of reads (the default)."""
-        return True
 
     def send(self, frame: bytes) -> bool:
         counters = self.counters

@@ -34,7 +34,7 @@ import struct
 import structlog
 
 from ...errors import ConfigError
-from .fd import READ_SIZE, FramedFdPort
+from .fd import FramedFdPort
 
 log = structlog.get_logger("aiokvm.net")
 
@@ -73,14 +73,9 @@ class VdeDataPort(FramedFdPort):
         self.bound_path: str | None = None  # the server side's DIR/NNN.M, removed when the port goes
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
+        # A connected datagram socket: FramedFdPort's read/write of the fd are recv/send.
         self._sock, self.peer = sock, peer
         self._start_io(sock.fileno(), sock)
-
-    def _recv(self) -> bytes:
-        return self._sock.recv(READ_SIZE)
-
-    def _write(self, frame: bytes) -> None:
-        self._sock.send(frame)
 
     def metrics(self) -> dict:
         return {**super().metrics(), "peer": self.peer}
