@@ -36,7 +36,12 @@ def child(target: str, argv: list[str]) -> None:
         import targets  # noqa: F401 - imports under instrumentation
 
         import aiokvm.boot  # noqa: F401
+        import aiokvm.devices.ata  # noqa: F401
+        import aiokvm.devices.backends.base  # noqa: F401
+        import aiokvm.devices.backends.memory  # noqa: F401
+        import aiokvm.devices.backends.nbd  # noqa: F401
         import aiokvm.devices.serial  # noqa: F401
+        import aiokvm.devices.virtio.blk  # noqa: F401
         import aiokvm.devices.virtio.chain  # noqa: F401
         import aiokvm.devices.virtio.mmio  # noqa: F401
         import aiokvm.devices.virtio.net  # noqa: F401
