@@ -80,7 +80,7 @@ class VdeServer:
         self.joined = 0
         self._server: asyncio.AbstractServer | None = None
         self._numbers: set[int] = set()
-        self._clients: set[asyncio.Task] = set()
+        self._clients: dict[asyncio.Task, asyncio.StreamWriter] = {}
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._client, self.ctl_path, limit=MAX_REQUEST)
@@ -96,7 +96,7 @@ class VdeServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        self._clients.add(task)
+        self._clients[task] = writer
         port = None
         number = None
         try:
@@ -140,7 +140,7 @@ class VdeServer:
             if number is not None:
                 self._numbers.discard(number)
             writer.close()
-            self._clients.discard(task)
+            self._clients.pop(task, None)
 
     @staticmethod
     async def _read_request(reader: asyncio.StreamReader) -> bytes:
@@ -192,11 +192,16 @@ class VdeServer:
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._clients):
-            task.cancel()
-        for task in list(self._clients):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Close the clients' connections and let their tasks end on the EOF,
+        # rather than cancel them: Python 3.11's start_unix_server logs a
+        # cancelled client task as "Exception in callback" (fixed in 3.12).
+        for writer in list(self._clients.values()):
+            writer.close()
+        if self._clients:
+            _done, stuck = await asyncio.wait(list(self._clients), timeout=REQUEST_TIMEOUT_S)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
