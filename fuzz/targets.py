@@ -398,9 +398,72 @@ def virtio_blk(data: bytes) -> None:
     _blk_checks(memory, disk, before)
 
 
+def mmio_blk(data: bytes) -> None:
+    """Register sequences on a virtio-blk device's transport: half-set queues at DRIVER_OK,
+    resets with requests in flight (held Status writes), kicks at any time."""
+    from aiokvm.devices.virtio import mmio
+    from aiokvm.devices.virtio.blk import VirtioBlk
+
+    src = Bytes(data)
+    cfg, sectors = src.int(1), src.int(1) % 64 + 1
+    qsize = 1 << (cfg & 3) + 1
+    disk = _Disk(sectors, read_only=bool(cfg & 4), delay=cfg >> 5 & 3)
+    before = disk.contents
+    ops = Bytes(src.bytes(src.int(2) % 2048))  # the register accesses first, the ring from the rest
+    memory = _memory(b"")
+    driver = _BlkDriver(src, memory, qsize, sectors)
+    t = mmio.MmioTransport(VirtioBlk(disk), memory, lambda: None)
+    steps = (0, mmio.ACKNOWLEDGE, mmio.ACKNOWLEDGE | mmio.DRIVER, mmio.ACKNOWLEDGE | mmio.DRIVER | mmio.FEATURES_OK,
+             mmio.ACKNOWLEDGE | mmio.DRIVER | mmio.FEATURES_OK | mmio.DRIVER_OK)
+    queue_regs = ((mmio.QUEUE_NUM, qsize), (mmio.QUEUE_DESC_LOW, DESC), (mmio.QUEUE_DRIVER_LOW, AVAIL),
+                  (mmio.QUEUE_DEVICE_LOW, USED), (mmio.QUEUE_READY, 1))
+    held = []  # Status writes the transport holds (a vCPU waiting in its exit)
+
+    async def main() -> None:
+        for _ in range(256):
+            if ops.left < 2:
+                break
+            op, arg = ops.int(1), ops.int(1)
+            kind = op & 7
+            if kind == 0:
+                t.read(arg * 4, (1, 2, 4, 8)[op >> 3 & 3])
+            elif kind == 1:
+                t.write(arg * 4, 2 if op & 0x80 else 4, ops.int(4))
+            elif kind == 2:
+                fence = t.write(mmio.STATUS, 4, steps[arg % 5] if arg < 250 else ops.int(1))
+                if fence is not None:
+                    held.append(fence)
+            elif kind == 3:
+                sel = arg & 1
+                t.write(mmio.DRIVER_FEATURES_SEL, 4, sel)
+                word = t.offered >> 32 * sel & 0xFFFF_FFFF
+                t.write(mmio.DRIVER_FEATURES, 4, word if op & 0x80 else ops.int(4))
+            elif kind == 4:  # some of a queue's registers: a half-set queue if DRIVER_OK comes next
+                t.write(mmio.QUEUE_SEL, 4, arg >> 6)
+                for bit, (reg, value) in enumerate(queue_regs):
+                    if arg >> bit & 1:
+                        t.write(reg, 4, ops.int(2) if op & 0x80 and bit == 0 else value)
+            elif kind == 5:
+                driver.publish(arg & 15)
+                if op & 0x80:
+                    t.write(mmio.QUEUE_NOTIFY, 4, 0)
+            elif kind == 6:
+                t.write(mmio.QUEUE_NOTIFY, 4, arg & 1)
+            else:
+                if op & 0x80 and held:
+                    await held.pop(0)  # the held vCPU goes on once the old generation drained
+                for _ in range(arg & 7):
+                    await asyncio.sleep(0)
+        await t.device.drain()
+        await asyncio.gather(*held)
+
+    _run(main(), 2)
+    _blk_checks(memory, disk, before)
+
+
 
 TARGETS = {f.__name__: f for f in (virtqueue, mmio_net, bridge, stream, vde_request, vxlan, elf, serial,
-                                            virtio_blk)}
+                                            virtio_blk, mmio_blk)}
 
 
 def quiet() -> None:
