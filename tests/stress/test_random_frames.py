@@ -88,12 +88,14 @@ class Feeder:
     and returns how many the outside accepted (a kernel queue may refuse some)."""
 
     max_len = 1600
+    sock: socket.socket | None = None  # the outside's socket, where it has one
 
     async def feed(self, batches) -> int:
         raise NotImplementedError
 
     async def aclose(self) -> None:
-        pass
+        if self.sock is not None:
+            self.sock.close()
 
 
 class NicFeeder(Feeder):
@@ -167,7 +169,7 @@ class TapFeeder(Feeder):
         return offered
 
     async def aclose(self) -> None:
-        self.sock.close()
+        await super().aclose()
         self._ns.__exit__(None, None, None)
 
 
@@ -221,10 +223,6 @@ class StreamFeeder(Feeder):
 
         return await in_thread(write)
 
-    async def aclose(self) -> None:
-        self.sock.close()
-
-
 class DgramFeeder(Feeder):
     """A QEMU ``-netdev dgram`` peer on unix datagram sockets (a full queue blocks the writer)."""
 
@@ -246,10 +244,6 @@ class DgramFeeder(Feeder):
             return offered
 
         return await in_thread(write)
-
-    async def aclose(self) -> None:
-        self.sock.close()
-
 
 class VxlanFeeder(Feeder):
     """A VTEP on loopback: mostly our VNI, sometimes another, bad flags or garbage."""
@@ -283,10 +277,6 @@ class VxlanFeeder(Feeder):
             return offered
 
         return await in_thread(write)
-
-    async def aclose(self) -> None:
-        self.sock.close()
-
 
 class VdeFeeder(Feeder):
     """A VDE switch (aiokvm's own server, another switch) sending on the port's data socket."""
