@@ -461,9 +461,59 @@ def mmio_blk(data: bytes) -> None:
     _blk_checks(memory, disk, before)
 
 
+def ata(data: bytes) -> None:
+    """Port I/O on the legacy ATA disk: registers, commands, data-port reads and
+    writes of any size and count (``rep insw``/``outsw``), resets mid-command."""
+    from aiokvm.devices.ata import AtaDisk
+
+    src = Bytes(data)
+    cfg, sectors = src.int(1), src.int(1) % 64 + 1
+    disk = _Disk(sectors, read_only=bool(cfg & 1), delay=cfg >> 1 & 3)
+    before = disk.contents
+    ata = AtaDisk(disk, irq=lambda level: None)
+    ctrl = ata.control_port()
+    commands = (0x20, 0x21, 0x30, 0x31, 0xEC, 0xE7, 0xEA)
+
+    async def main() -> None:
+        for _ in range(512):
+            if src.left < 2:
+                break
+            op, arg = src.int(1), src.int(1)
+            kind, size, port = op & 7, (1, 2, 4)[(op >> 3 & 3) % 3], arg & 7 if op & 0x80 else 0
+            if kind == 0:
+                assert 0 <= ata.read(arg & 7, size) < 1 << 8 * size
+            elif kind == 1:
+                ata.write(arg & 7, size, src.int(size))
+            elif kind == 2:  # rep insw: one exit, many elements
+                count = src.int(2) % 1024
+                assert len(ata.read_string(port, size, count)) == size * count
+            elif kind == 3:  # rep outsw
+                n = size * (src.int(2) % 1024)
+                ata.write_string(port, size, src.bytes(n).ljust(n, b"\0"))
+            elif kind == 4:
+                ctrl.write(0, 1, arg)
+            elif kind == 5:
+                ctrl.read(0, 1)
+            elif kind == 6:  # a command as a driver issues it: device, count, LBA, then the command
+                lba = src.int(4) & 0x0FFF_FFFF if op & 0x80 else src.int(1) % (sectors + 4)
+                for reg, value in ((6, 0xE0 | lba >> 24), (2, src.int(1)), (3, lba), (4, lba >> 8), (5, lba >> 16)):
+                    ata.write(reg, 1, value & 0xFF)
+                ata.write(7, 1, commands[arg % 8] if arg % 8 < 7 else src.int(1))
+            else:
+                for _ in range(arg & 7):
+                    await asyncio.sleep(0)
+            assert len(ata._buffer) <= 256 * 512  # the transfer buffer stays bounded
+        await ata.drain()
+
+    _run(main(), 2)
+    assert not disk.outside, disk.outside
+    if disk.read_only:
+        assert disk.contents == before
+
+
 
 TARGETS = {f.__name__: f for f in (virtqueue, mmio_net, bridge, stream, vde_request, vxlan, elf, serial,
-                                            virtio_blk, mmio_blk)}
+                                            virtio_blk, mmio_blk, ata)}
 
 
 def quiet() -> None:
