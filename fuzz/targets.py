@@ -511,9 +511,177 @@ def ata(data: bytes) -> None:
         assert disk.contents == before
 
 
+class _Wire:
+    """The NBD client's half of the connection: keeps what the client sends; once
+    closed, drops writes and fails ``drain`` as a lost asyncio connection does."""
+
+    def __init__(self) -> None:
+        self.sent, self.closed = bytearray(), False
+
+    def write(self, data) -> None:
+        if not self.closed:
+            self.sent += data
+
+    def writelines(self, chunks) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("Connection lost")
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    async def wait_closed(self) -> None:
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+class _Peer(asyncio.StreamReader):
+    """The server's bytes, as the client reads them; no read may ask for more than
+    the client's own bound (a length the server claims must not size a buffer)."""
+
+    def __init__(self, bound: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bound = bound
+
+    async def readexactly(self, n: int) -> bytes:
+        assert 0 <= n <= self.bound, n
+        return await super().readexactly(n)
+
+
+def _pick(src: Bytes, index: int, choices: tuple, nbytes: int) -> int:
+    """``choices[index]``; ``None`` there means a raw value of ``nbytes`` from the input."""
+    value = choices[index]
+    return src.int(nbytes) if value is None else value
+
+
+def _nbd_server_bytes(src: Bytes, nbd, sectors: int) -> tuple[bytes, bytes]:
+    """A server's handshake (greeting, option replies, an export-name answer) and its
+    replies (simple, structured, errors, wrong cookies, payloads), templates with
+    fuzzed fields and raw bytes mixed in."""
+    cfg = src.int(1)
+    size = sectors * 512 + (src.int(2) if cfg & 8 else 0)
+    hello = src.bytes(18) if cfg & 1 else struct.pack(">QQH", nbd.NBDMAGIC, nbd.IHAVEOPT, src.int(1) & 3)
+    handshake = bytearray(hello)
+    for _ in range(src.int(1) % 8):
+        k = src.int(1)
+        magic = src.int(8) if k & 0x80 else nbd.OPTION_REPLY_MAGIC
+        option = src.int(4) if k & 0x40 else nbd.OPT_GO
+        reply = _pick(src, k & 7, (nbd.REP_ACK, nbd.REP_INFO, nbd.REP_INFO, nbd.REP_INFO, nbd.REP_ERR_UNSUP,
+                                   nbd.REP_ERROR_BIT + 6, nbd.REP_ERROR_BIT + 5, None), 4)
+        info = k >> 3 & 3
+        if reply != nbd.REP_INFO:
+            body = src.bytes(src.int(1))
+        elif info == 0:
+            body = struct.pack(">HQH", nbd.INFO_EXPORT, size, src.int(2))
+        elif info == 1:
+            body = struct.pack(">HIII", nbd.INFO_BLOCK_SIZE, 1 << src.int(1) % 18, src.int(4), src.int(4))
+        else:
+            body = struct.pack(">H", src.int(2)) + src.bytes(src.int(1) % 16)
+        length = src.int(4) if k & 0x20 and info == 3 else len(body)
+        handshake += struct.pack(">QIII", magic, option, reply, length) + body
+    if cfg & 2:  # the answer to NBD_OPT_EXPORT_NAME, with or without the 124 zeroes
+        handshake += struct.pack(">QH", size, src.int(2)) + bytes(124 if cfg & 4 else 0)
+    replies = bytearray()
+    for _ in range(src.int(1) % 16):
+        k = src.int(1)
+        magic = _pick(src, k & 3, (nbd.SIMPLE_REPLY_MAGIC, nbd.SIMPLE_REPLY_MAGIC, nbd.STRUCTURED_REPLY_MAGIC, None), 4)
+        error = _pick(src, k >> 2 & 7, (0, 0, 0, 5, 28, 108, 22, None), 4)
+        cookie = k >> 5 if k >> 5 else src.int(8)  # the client's cookies count from 1
+        replies += struct.pack(">IIQ", magic, error, cookie) + src.bytes(src.int(2) % 8704)
+    return bytes(handshake), bytes(replies)
+
+
+def nbd_client(data: bytes) -> None:
+    """The NBD client against a hostile server: any handshake, option replies and
+    transmission replies, arriving in pieces, with requests in flight."""
+    from aiokvm.devices.backends import nbd
+    from aiokvm.devices.backends.base import BackendIOError
+
+    src = Bytes(data)
+    cfg, sectors = src.int(1), src.int(1) % 64 + 1
+    handshake, replies = _nbd_server_bytes(src, nbd, sectors)
+    requests = [(src.int(1), src.int(2), src.int(2)) for _ in range(src.int(1) % 8)]
+    chunk = cfg % 64 + 1  # the server's bytes arrive in pieces of this size
+    address = nbd.NbdAddress(export="disk", socket_path="/fuzz")
+    wire = _Wire()
+
+    async def feed(reader, stream: bytes) -> None:
+        for at in range(0, len(stream), chunk):
+            reader.feed_data(stream[at:at + chunk])
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    async def request(backend, k: int, offset: int, length: int) -> None:
+        if not k & 0x80:  # aligned and inside a small disk, mostly
+            offset, length = offset % sectors * 512, length % 65 * 512
+        verb = k % 5
+        if verb == 0:
+            await backend.readv(offset, [memoryview(bytearray(length))])
+        elif verb == 1:
+            await backend.writev(offset, [memoryview(bytes(length))])
+        elif verb == 2:
+            await backend.flush()
+        elif verb == 3:
+            await backend.discard(offset, length)
+        else:
+            await backend.write_zeroes(offset, length)
+
+    async def main() -> None:
+        reader = _Peer(nbd.MAX_OPTION_REPLY, limit=nbd.STREAM_LIMIT)
+        shake = asyncio.get_running_loop().create_task(nbd._handshake(reader, wire, address))
+        await feed(reader, handshake)
+        if not shake.done():
+            reader.feed_eof()  # the server stops talking mid-handshake
+        try:
+            info = await shake
+        except (nbd._HandshakeError, ConfigError, asyncio.IncompleteReadError, OSError):
+            return  # what connect() turns into a ConfigError
+        if info.size % 512:
+            return  # connect() refuses it
+        start = len(wire.sent)
+        backend = nbd.NbdBackend("nbd+unix:///disk?socket=/fuzz", address, reader, wire, info,
+                                 read_only=bool(cfg & 0x80))
+        reader.bound = 64 * 512  # from now on, only a read's payload: at most a request's own length
+        work = asyncio.gather(*(request(backend, *r) for r in requests), return_exceptions=True)
+        for _ in range(3):  # the requests' tasks, then their pieces' tasks, send
+            await asyncio.sleep(0)
+        # However small a maximum payload the server claims, a transfer's pieces go out a window at a time.
+        assert _check_nbd_requests(nbd, wire.sent[start:], info.size, backend.max_payload) <= (
+            nbd.SPLIT_WINDOW * len(requests))
+        await feed(reader, replies)
+        reader.feed_eof()
+        for result in await work:
+            if result is not None and not isinstance(result, BackendIOError):
+                raise result
+        await backend.close()
+        _check_nbd_requests(nbd, wire.sent[start:], info.size, backend.max_payload)
+
+    _run(main(), 1)
+
+
+def _check_nbd_requests(nbd, sent: bytes, size: int, max_payload: int) -> int:
+    """Every request the client sent is well formed and inside the export; how many."""
+    at = count = 0
+    while at < len(sent):
+        magic, flags, command, _cookie, offset, length = nbd.REQUEST.unpack_from(sent, at)
+        assert magic == nbd.REQUEST_MAGIC and command in nbd.CMD_NAMES
+        if command != nbd.CMD_DISC and command != nbd.CMD_FLUSH:
+            assert offset + length <= size and length <= max_payload, (command, offset, length)
+        at += nbd.REQUEST.size + (length if command == nbd.CMD_WRITE else 0)
+        count += 1
+    return count
+
 
 TARGETS = {f.__name__: f for f in (virtqueue, mmio_net, bridge, stream, vde_request, vxlan, elf, serial,
-                                            virtio_blk, mmio_blk, ata)}
+                                            virtio_blk, mmio_blk, ata, nbd_client)}
 
 
 def quiet() -> None:

@@ -28,8 +28,9 @@ the caller's memoryviews, one copy per buffer; asyncio streams have no
 ``readinto``.
 
 Limits honoured: requests are split at the server's maximum payload (at
-most 32 MiB), and offsets and lengths must be multiples of the server's
-minimum block size (``BackendIOError`` otherwise; 1 or 512 in practice).
+most 32 MiB; ``SPLIT_WINDOW`` pieces of one request in flight at a time),
+and offsets and lengths must be multiples of the server's minimum block
+size (``BackendIOError`` otherwise; 1 or 512 in practice).
 Without ``SEND_FLUSH`` the server has no cache to flush and ``flush`` only
 checks the connection; without ``SEND_TRIM``, ``discard`` (a hint) does
 nothing; without ``SEND_WRITE_ZEROES``, ``write_zeroes`` writes zero-filled
@@ -144,7 +145,7 @@ COOKIE_MASK = (1 << 64) - 1
 CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 10.0
 STREAM_LIMIT = 1 << 22
-SPLIT_WINDOW = 16  # pieces of one large trim / write-zeroes in flight at once
+SPLIT_WINDOW = 16  # pieces of one large transfer, trim or write-zeroes in flight at once
 
 
 # ----------------------------------------------------------------------
@@ -473,11 +474,16 @@ class NbdBackend:
         if length <= self.max_payload:
             await self._request(command, offset, length, views=views)
             return
-        pieces = split_views(views, self.max_payload)
-        results = await asyncio.gather(
-            *(self._request(command, offset + rel, total_length(part), views=part) for rel, part in pieces),
-            return_exceptions=True)
-        _raise_first(results)
+        # A window of pieces in flight at a time, as in _split_effect: the piece count is
+        # the server's to set (it may claim a maximum payload of 512 bytes), and every
+        # piece in flight holds a request, a task and a future, so gathering them all at
+        # once let a server turn one large guest read into a quarter-million of each.
+        # The pieces' list, too, is built one window at a time.
+        for base, span in split_views(views, self.max_payload * SPLIT_WINDOW):
+            pieces = split_views(span, self.max_payload)
+            _raise_first(await asyncio.gather(
+                *(self._request(command, offset + base + rel, total_length(part), views=part) for rel, part in pieces),
+                return_exceptions=True))
 
     async def _split_effect(self, command: int, offset: int, length: int, *, step: int | None = None,
                             payload: memoryview | None = None) -> None:

@@ -735,6 +735,27 @@ async def test_nbd_splits_large_transfers_at_the_max_payload():
             await backend.close()
 
 
+async def test_nbd_small_max_payload_keeps_one_window_of_pieces_in_flight():
+    # Regression (fuzz target nbd_client): a server that claims a 512-byte maximum payload
+    # made a large read or write put every piece (a request, task and future each) in flight at once.
+    async with fake_server(size=1 << 20, block_sizes=(512, 512, 512)) as (server, url):
+        backend = await NbdBackend.connect(url)
+        try:
+            data = random.Random(5).randbytes(128 * 1024)
+            most = 0
+            for transfer in (backend.writev(0, views_of(data)), read(backend, 0, len(data))):
+                task = asyncio.ensure_future(transfer)
+                while not task.done():
+                    most = max(most, len(backend._pending))
+                    await asyncio.sleep(0)
+                result = await task
+            assert result == data
+            assert 0 < most <= nbd_mod.SPLIT_WINDOW
+            assert len(server.commands) == 2 * 256 and {c[2] for c in server.commands} == {512}
+        finally:
+            await backend.close()
+
+
 async def test_nbd_falls_back_to_export_name_when_go_is_unsupported():
     async with fake_server(go_supported=False) as (server, url):
         backend = await NbdBackend.connect(url)
