@@ -23,9 +23,13 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-from .backends.base import SECTOR_SIZE, BackendIOError
+import structlog
+
+from .backends.base import SECTOR_SIZE, BackendIOError, count_backend_error
+
+log = structlog.get_logger("aiokvm.devices.ata")
 
 ATA_BASE = 0x1F0
 ATA_CTRL = 0x3F6
@@ -52,6 +56,7 @@ class AtaCounters:
     flushes: int = 0
     aborted: int = 0
     data_words: int = 0
+    backend_errors: dict[str, int] = field(default_factory=dict)  # by errno name
 
 
 def _ata_string(text: str, length: int) -> bytes:
@@ -74,6 +79,7 @@ class AtaDisk:
         self.read_only = bool(backend.read_only)
         self._irq = irq
         self.counters = AtaCounters()
+        self.log = log  # the device manager binds vm= and device=
         self._tasks: set[asyncio.Task] = set()
         self._identify = self._build_identify()
         self._reset()
@@ -111,6 +117,14 @@ class AtaDisk:
 
     def _lba28(self) -> int:
         return (self.device & 0x0F) << 24 | self.lba[2] << 16 | self.lba[1] << 8 | self.lba[0]
+
+    def _backend_failed(self, exc: BackendIOError) -> None:
+        # The command aborts (the guest sees ERR).  Counted by errno and logged
+        # once per kind: a dead backend fails every command the guest retries.
+        if count_backend_error(self.counters.backend_errors, exc):
+            self.log.warning("ATA backend error: the command aborts", error=str(exc),
+                             count=sum(self.counters.backend_errors.values()))
+        self._abort(ABRT)
 
     def _abort(self, error: int = ABRT) -> None:
         self.counters.aborted += 1
@@ -218,8 +232,8 @@ class AtaDisk:
         data = bytearray(count * SECTOR)
         try:
             await self.backend.readv(lba * SECTOR, [memoryview(data)])
-        except BackendIOError:
-            self._abort(ABRT)
+        except BackendIOError as exc:
+            self._backend_failed(exc)
             return
         self.counters.sectors_read += count
         self._start_data_in(data, CMD_READ)
@@ -227,8 +241,8 @@ class AtaDisk:
     async def _write_sector(self, lba: int, sector: bytes) -> None:
         try:
             await self.backend.writev(lba * SECTOR, [memoryview(sector)])
-        except BackendIOError:
-            self._abort(ABRT)
+        except BackendIOError as exc:
+            self._backend_failed(exc)
             return
         self.counters.sectors_written += 1
         self._remaining -= 1
@@ -245,8 +259,8 @@ class AtaDisk:
     async def _flush(self) -> None:
         try:
             await self.backend.flush()
-        except BackendIOError:
-            self._abort(ABRT)
+        except BackendIOError as exc:
+            self._backend_failed(exc)
             return
         self.counters.flushes += 1
         self._op = None

@@ -20,6 +20,7 @@ Rules every backend keeps:
 
 from __future__ import annotations
 
+import errno as errno_mod
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
@@ -39,6 +40,24 @@ class BackendIOError(AiokvmError):
     def __init__(self, message: str, *, errno: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+#: after the first, every LOG_EVERY-th backend error of a kind is logged again (with its count)
+LOG_EVERY = 10000
+
+
+def count_backend_error(counts: dict[str, int], exc: BackendIOError) -> bool:
+    """Count ``exc`` in ``counts`` under its errno name; True if the device should log it.
+
+    A failed backend (a dead NBD server, a full file system) fails every
+    request after the first, and the guest may retry forever: devices log the
+    first error of each kind and then only every ``LOG_EVERY``-th, so the log
+    says what happened once and stays bounded, while the counts say how often.
+    """
+    key = errno_mod.errorcode.get(exc.errno or 0, "EIO")
+    count = counts.get(key, 0) + 1
+    counts[key] = count
+    return count == 1 or count % LOG_EVERY == 0
 
 
 @runtime_checkable

@@ -7,8 +7,14 @@ and several requests proceed at once (one blocking syscall per worker):
   caller's memoryviews, so bytes go straight between the page cache and
   guest RAM.  Short transfers are continued until done; a read that meets
   end-of-file inside ``size`` (a file truncated behind our back) fills the
-  rest with zeroes.  At most ``IOV_MAX`` buffers go to one syscall.
-- ``flush`` is ``fdatasync``.
+  rest with zeroes (as QEMU does), counted in ``reads_past_eof`` and
+  logged once.  At most ``IOV_MAX`` buffers go to one syscall.
+- ``flush`` is ``fdatasync``.  It fails if a write, discard or write-zeroes
+  failed on the host since the last flush (ENOSPC on tmpfs fails the write
+  and nothing later: the barrier must not say "all is durable").  Once
+  ``fdatasync`` itself has failed, every later flush fails: the kernel may
+  have dropped the dirty pages and would report success next time (the
+  "fsyncgate" lesson; QEMU does the same).
 - ``discard`` punches a hole (``fallocate(PUNCH_HOLE | KEEP_SIZE)`` via
   ctypes, as ``os.posix_fallocate`` cannot punch).  Where the file system
   cannot punch, it writes zeroes instead, so a discarded range always reads
@@ -33,6 +39,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from aiokvm.errors import ConfigError
 
 from .base import (
@@ -43,6 +51,8 @@ from .base import (
     checked_views,
     make_serial,
 )
+
+log = structlog.get_logger("aiokvm.devices.raw")
 
 DEFAULT_WORKERS = 4
 ZERO_CHUNK = bytes(1 << 20)
@@ -106,16 +116,18 @@ _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 NOWAIT_LIMIT = 256 * 1024
 
 
-def _preadv_all(fd: int, offset: int, views: list[memoryview]) -> None:
+def _preadv_all(fd: int, offset: int, views: list[memoryview]) -> bool:
+    """True if the read met end of file (the file shrank under us)."""
     views = list(views)
     while views:
         n = os.preadv(fd, views[:_IOV_MAX], offset)
-        if n == 0:  # end of file inside the disk: the rest reads as zeroes
+        if n == 0:  # end of file inside the disk: the rest reads as zeroes, never stale bytes
             for view in views:
                 _zero_fill(view)
-            return
+            return True
         offset += n
         _advance(views, n)
+    return False
 
 
 def _pwritev_all(fd: int, offset: int, views: list[memoryview]) -> None:
@@ -203,6 +215,9 @@ class RawFileBackend:
         self._close_done: asyncio.Future | None = None
         self._can_zero_range = True
         self._can_punch = True
+        self.reads_past_eof = 0
+        self._write_error: BackendIOError | None = None  # since the last flush
+        self._flush_error: BackendIOError | None = None  # sticky: fdatasync failed once
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, read_only: bool = False,
@@ -257,8 +272,11 @@ class RawFileBackend:
         what = f"read of {length} bytes at offset {offset}"
         if self._closed:
             raise BackendIOError(f"{what} on closed disk {self.path}")
-        if length:
-            await self._run(what, _preadv_all, self._fd, offset, views)
+        if length and await self._run(what, _preadv_all, self._fd, offset, views):
+            self.reads_past_eof += 1
+            if self.reads_past_eof == 1:  # the operator shrank the image: say so once
+                log.warning("disk image is shorter than the disk: reads past its end return zeroes",
+                            path=self.path, size=self.size)
 
     def readv_nowait(self, offset: int, buffers: list[memoryview]) -> bool:
         """Read now, on the calling thread, if the data is in the page cache.
@@ -288,23 +306,43 @@ class RawFileBackend:
         if self._closed:
             raise BackendIOError(f"{what} on closed disk {self.path}")
         if length:
-            await self._run(what, _pwritev_all, self._fd, offset, views)
+            await self._run_write(what, _pwritev_all, self._fd, offset, views)
+
+    async def _run_write(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            await self._run(what, fn, *args)
+        except BackendIOError as exc:
+            if exc.errno is not None:  # a host error (not a closed disk): the next flush reports it
+                self._write_error = exc
+            raise
 
     async def flush(self) -> None:
-        await self._run("flush", os.fdatasync, self._fd)
+        if self._flush_error is not None:
+            raise BackendIOError(f"flush on {self.path} failed: an earlier flush failed ({self._flush_error}); "
+                                 f"data may be lost", errno=self._flush_error.errno)
+        failed_write, self._write_error = self._write_error, None
+        try:
+            await self._run("flush", os.fdatasync, self._fd)
+        except BackendIOError as exc:
+            if exc.errno is not None:
+                self._flush_error = exc
+            raise
+        if failed_write is not None:
+            raise BackendIOError(f"flush on {self.path}: a write since the last flush failed ({failed_write})",
+                                 errno=failed_write.errno)
 
     async def discard(self, offset: int, length: int) -> None:
         check_writable(self.read_only, f"discard on {self.path}")
         check_range(self.size, offset, length, "discard")
         if length:
-            await self._run(f"discard of {length} bytes at offset {offset}", self._discard_sync, offset, length)
+            await self._run_write(f"discard of {length} bytes at offset {offset}", self._discard_sync, offset, length)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         check_writable(self.read_only, f"write zeroes on {self.path}")
         check_range(self.size, offset, length, "write zeroes")
         if length:
-            await self._run(f"write zeroes of {length} bytes at offset {offset}",
-                            self._write_zeroes_sync, offset, length)
+            await self._run_write(f"write zeroes of {length} bytes at offset {offset}",
+                                  self._write_zeroes_sync, offset, length)
 
     async def close(self) -> None:
         if self._close_done is not None:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import structlog
 
-from ..backends.base import SECTOR_SIZE, BackendIOError
+from ..backends.base import SECTOR_SIZE, BackendIOError, count_backend_error
 from .chain import ChainReader, ChainWriter
 from .device import F_EVENT_IDX, F_INDIRECT_DESC, InterruptKind
 from .queue import DescriptorChain, VirtqueueError
@@ -170,6 +170,7 @@ class BlkCounters:
     in_flight_max: int = 0
     reads_inline: int = 0       # reads served at once from the page cache, without a task
     errors: list[str] = field(default_factory=list)
+    backend_errors: dict[str, int] = field(default_factory=dict)  # by errno name
 
 
 class VirtioBlk:
@@ -366,7 +367,7 @@ class VirtioBlk:
             status = bad.status
         except BackendIOError as exc:
             status = S_IOERR
-            self._note(f"backend: {exc}")
+            self._backend_error(exc)
         except asyncio.CancelledError:
             return  # reset: the driver forgot this request
         except Exception as exc:  # a bug or a GuestMemoryError: fail the request, keep the device
@@ -409,6 +410,13 @@ class VirtioBlk:
         q = self._queue
         if q is not None and q.needs_notification():
             self._interrupt.trigger(InterruptKind.USED_BUFFER)
+
+    def _backend_error(self, exc: BackendIOError) -> None:
+        # Not _note: a dead backend fails every request, so logging each (even
+        # 32) floods the log; count by errno, log the first of each kind.
+        if count_backend_error(self.counters.backend_errors, exc):
+            self.log.warning("virtio-blk backend error: the guest gets IOERR", error=str(exc),
+                             count=sum(self.counters.backend_errors.values()))
 
     def _note(self, what: str) -> None:
         # Bounded: a guest can send bad requests forever.

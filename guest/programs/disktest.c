@@ -6,6 +6,9 @@
  *          qd=K (8, virtio requests in flight)  chunk=C (8 sectors per
  *          request, 1..256)  gen=G (generation mode)  indirect=0
  *          event_idx=0 (virtio: don't negotiate those features)  cpl=3
+ *          rounds=R (0: one run; else R runs, each ending in a "round"
+ *          line, errors counted afresh; for backend-fault tests)
+ *          write=0 (skip the write pass and flush: verify what is there)
  *
  * Pattern: byte i of sector s is byte (i % 8) (little-endian) of the
  * 64-bit word pattern_word(s, i / 8), see below; the same on every run and
@@ -257,7 +260,7 @@ static void print_virtio_id(void)
 int main(void)
 {
 	char name[16] = "";
-	uint64_t want, qd, gens, t0, t_write, t_verify, t_sum;
+	uint64_t want, qd, gens, rounds, round = 0, t0, t_write = 0, t_verify, t_sum;
 	int kind = BLK_VIRTIO, given, r;
 
 	given = opt_str("dev", name, sizeof(name));
@@ -265,6 +268,7 @@ int main(void)
 	qd = opt_u64("qd", 8);
 	chunk = (uint32_t)opt_u64("chunk", 8);
 	gens = opt_u64("gen", 0);
+	rounds = opt_u64("rounds", 0);
 	if (given)
 		kind = blk_kind(name);
 	if (kind < 0) {
@@ -323,19 +327,22 @@ int main(void)
 		return run_gen(gens);
 	}
 
-	printf("disktest: writing %lu sectors, %u per request, %u in flight\n",
-	       nsect, chunk, dev.qd);
-	t0 = rdtsc();
-	pass(BLK_WRITE, 0, nsect, fill_pattern, write_done);
-	if (nsect) {
-		int r = do_flush();
+again:
+	if (opt_u64("write", 1)) {
+		printf("disktest: writing %lu sectors, %u per request, %u in flight\n",
+		       nsect, chunk, dev.qd);
+		t0 = rdtsc();
+		pass(BLK_WRITE, 0, nsect, fill_pattern, write_done);
+		if (nsect) {
+			int r = do_flush();
 
-		if (r != BLK_OK) {
-			printf("disktest: flush error: %s\n", blk_strerror(r));
-			write_errors++;
+			if (r != BLK_OK) {
+				printf("disktest: flush error: %s\n", blk_strerror(r));
+				write_errors++;
+			}
 		}
+		t_write = rdtsc() - t0;
 	}
-	t_write = rdtsc() - t0;
 
 	t0 = rdtsc();
 	pass(BLK_READ, 0, nsect, NULL, verify_done);
@@ -346,6 +353,15 @@ int main(void)
 	pass(BLK_READ, 0, dev.capacity, NULL, sum_done);
 	t_sum = rdtsc() - t0;
 
+	if (rounds) {
+		printf("disktest: round %lu write_errors=%lu bad=%lu checksum %016lx\n",
+		       ++round, write_errors, bad_sectors, fnv);
+		if (round < rounds) {
+			write_errors = bad_sectors = reports = 0;
+			memset(bad_write, 0, nsect / 8 + 1);
+			goto again;
+		}
+	}
 	printf("disktest: ticks write=%lu verify=%lu checksum=%lu", t_write,
 	       t_verify, t_sum);
 	if (kind == BLK_VIRTIO)
