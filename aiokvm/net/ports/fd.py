@@ -26,6 +26,9 @@ log = structlog.get_logger("aiokvm.net")
 READ_BATCH = 256
 OUT_QUEUE = 256
 READ_SIZE = 65536 + 4096  # above any frame a peer may send: QEMU's own buffer size
+#: read errors after which the fd never works again: a TAP whose device was deleted
+#: (``ip link del``) reads EBADFD and polls as EPOLLERR for ever
+DEAD_FD_ERRORS = frozenset({errno.EBADFD, errno.EBADF, errno.ENODEV, errno.ENXIO})
 
 
 def errno_name(exc: OSError) -> str:
@@ -45,6 +48,7 @@ class FramedFdPort(SwitchPort):
         self._writer_armed = False
         self._owner = None
         self.errors: dict[str, int] = {}
+        self.failed: str | None = None  # why the fd was given up (it is dead), else None
 
     # -- what a subclass provides ---------------------------------------------------------
     def _recv(self) -> bytes | None:
@@ -105,7 +109,7 @@ class FramedFdPort(SwitchPort):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                self._count_error("read", exc)
+                self._io_error("read", exc)
                 break  # this round of reads ends; the next readiness event tries again
             if data is None:
                 continue
@@ -115,6 +119,21 @@ class FramedFdPort(SwitchPort):
         if frames:
             self.incoming_many(frames)
 
+    def _io_error(self, what: str, exc: OSError) -> None:
+        if exc.errno not in DEAD_FD_ERRORS or self.failed:
+            self._count_error(what, exc)
+            return
+        # The fd is dead for good.  A level-triggered error keeps it "readable",
+        # so serving it on would spin the loop (the stdlib loop called us about
+        # 100,000 times a second after `ip link del`): stop polling it, link down,
+        # one log line.  The fd stays open until aclose (its number must not be reused).
+        self.failed = errno_name(exc)
+        key = f"{what}_{self.failed}"
+        self.errors[key] = self.errors.get(key, 0) + 1
+        log.warning("port device gone: link down until the port is removed", port=self.name, kind=self.kind,
+                    op=what, error=str(exc))
+        self._stop_io()
+        self.set_link(False)
 
     def send(self, frame: bytes) -> bool:
         counters = self.counters
@@ -135,7 +154,7 @@ class FramedFdPort(SwitchPort):
             out.append(frame)
             self._arm_writer()
         except OSError as exc:
-            self._count_error("write", exc)
+            self._io_error("write", exc)
             counters.drops["write_error"] += 1
             return False
         self._sent(frame)
@@ -154,11 +173,13 @@ class FramedFdPort(SwitchPort):
             except (BlockingIOError, InterruptedError):
                 return  # still full: wait for the next writable event
             except OSError as exc:
-                self._count_error("write", exc)
+                self._io_error("write", exc)
                 self.counters.drops["write_error"] += 1
+                if self.failed:
+                    return  # _stop_io dropped the queue and the writer
             out.popleft()
         self._writer_armed = False
         self._loop.remove_writer(self._fd)
 
     def metrics(self) -> dict:
-        return {**super().metrics(), "queued": len(self._out), "errors": dict(self.errors)}
+        return {**super().metrics(), "queued": len(self._out), "errors": dict(self.errors), "failed": self.failed}

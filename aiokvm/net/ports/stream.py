@@ -9,8 +9,12 @@ counted (``runt``).
 Either side may listen.  A server takes one peer at a time (as QEMU's does);
 another that connects meanwhile is closed and counted
 (``refused_connections``).  A client connects, and reconnects every
-``reconnect_s`` while the peer is away.  The link is down while there is no
-peer.  What the peer does not read piles up in the transport's buffer: past
+``reconnect_s`` while the peer is away (each attempt counted in
+``connect_attempts``; ``reconnect_s=0`` connects once and never again, as in
+QEMU; a negative or non-finite period is refused: it would retry without
+bound).  The link is down while there is no peer, and a frame the peer was
+in the middle of when it went is dropped and counted (``partial``).  What
+the peer does not read piles up in the transport's buffer: past
 ``max_buffer`` bytes frames are dropped and counted (``queue_full``).
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import stat
@@ -84,6 +89,8 @@ class _Connection(asyncio.Protocol):
             port.incoming_many(frames)
 
     def connection_lost(self, exc) -> None:
+        if self.live and self.buffer:  # the peer went mid-frame: that frame never reaches the switch
+            self.port.counters.drops["partial"] += 1
         self.live = False
         self.port._disconnected(self)  # a no-op for a connection that never became the peer
 
@@ -114,6 +121,8 @@ class StreamPort(SwitchPort):
         self.address = address
         self.server = server
         where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+        if not (math.isfinite(reconnect_s) and reconnect_s >= 0):
+            raise ConfigError(f"reconnect={reconnect_s} for stream {where}: give seconds >= 0 (0: never reconnect)")
         super().__init__(name or f"stream-{os.path.basename(where) if isinstance(address, str) else where}")
         self.reconnect_s = reconnect_s
         self.max_buffer = max_buffer
@@ -125,6 +134,7 @@ class StreamPort(SwitchPort):
         self.connections = 0
         self.refused_connections = 0
         self.self_connects = 0
+        self.connect_attempts = 0
 
     @property
     def describe(self) -> str:
@@ -161,6 +171,7 @@ class StreamPort(SwitchPort):
         failures = 0
         while not self._closing:
             if self._conn is None:
+                self.connect_attempts += 1
                 try:
                     if isinstance(self.address, str):
                         await loop.create_unix_connection(lambda: _Connection(self), self.address)
@@ -171,6 +182,8 @@ class StreamPort(SwitchPort):
                     failures += 1
                     if failures == 1:
                         log.info("stream peer not there yet: retrying", port=self.name, error=str(exc))
+            if not self.reconnect_s:  # sleep(0) here would be a busy connect loop
+                return
             await asyncio.sleep(self.reconnect_s)
 
     def _connected(self, conn: _Connection) -> bool:
@@ -194,7 +207,9 @@ class StreamPort(SwitchPort):
     def send(self, frame: bytes) -> bool:
         conn = self._conn
         counters = self.counters
-        if conn is None or not conn.live:
+        # is_closing(): lost, but connection_lost() has not run yet; writing on would
+        # make the stdlib transport log "socket.send() raised exception." per frame.
+        if conn is None or not conn.live or conn.transport.is_closing():
             counters.drops["link_down"] += 1
             return False
         transport = conn.transport
@@ -207,7 +222,7 @@ class StreamPort(SwitchPort):
 
     def metrics(self) -> dict:
         return {**super().metrics(), "peer": self.describe, "connections": self.connections,
-                "refused_connections": self.refused_connections}
+                "refused_connections": self.refused_connections, "connect_attempts": self.connect_attempts}
 
     async def aclose(self) -> None:
         self._closing = True

@@ -96,6 +96,9 @@ class TapPort(FramedFdPort):
         return bool(struct.unpack_from("H", raw, IFNAMSIZ)[0] & IFF_UP)
 
     def _poll_link(self) -> None:
+        if self.failed:  # our fd is dead: a new device of that name is not ours (no link up)
+            self._poll = None
+            return
         self.set_link(self._host_up())
         self._poll = self._loop.call_later(LINK_POLL_S, self._poll_link)
 
