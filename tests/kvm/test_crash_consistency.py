@@ -216,15 +216,16 @@ def kill_after(trial: Trial, disk: CrashDisk, workdir: Path) -> None:
         timer = threading.Timer(TRIAL_TIMEOUT_S, watchdog)
         timer.start()
         try:
-            previous = cycle = None
+            first: tuple[int, float] | None = None
+            cycle = None  # seconds per generation, averaged (lines can arrive several at once)
             for line in proc.stdout:
                 g = flushed_generation(line)
                 if g is None:
                     continue
                 now = time.monotonic()
-                if previous is not None:
-                    cycle = now - previous
-                previous = now
+                first = first or (g, now)
+                if g > first[0]:
+                    cycle = (now - first[1]) / (g - first[0])
                 trial.seen = g
                 if g >= trial.target:
                     break
