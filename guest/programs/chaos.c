@@ -479,7 +479,8 @@ static void op_ata(void)
 		pio_wr(io + ATA_REG_COMMAND, 1, below(4) ? cmds[below(sizeof(cmds))] : (uint32_t)rnd());
 		break;
 	case 1: {   /* strings on the data port */
-		uint64_t words = below(4) ? 256 : below(256 * 256) + 1;
+		/* rep outsw costs an exit per word on some hosts: keep it short */
+		uint64_t words = below(4) ? 256 : below(1024) + 1;
 		void *p = ata_buf;
 
 		n_pio++;
@@ -500,7 +501,7 @@ static void op_ata(void)
 		pio_rd(ATA_PRIMARY_CTL, rand_size() % 8 ? 1 : 2);
 		break;
 	case 4: case 5:
-		for (unsigned int k = below(32) + 1; k; k--)
+		for (unsigned int k = below(8) + 1; k; k--)
 			pio_wr(io, 2, (uint32_t)rnd());
 		break;
 	default: {
@@ -635,7 +636,7 @@ static void legit_ata(uint64_t op)
 	outb(ATA_PRIMARY_CTL, ATA_CTL_NIEN);
 	n_pio += 2;
 	r = ata_probe(&d, ATA_PRIMARY_IO, ATA_PRIMARY_CTL, 0,
-		      below(2) ? ATA_XFER_REP : ATA_XFER_WORD);
+		      below(8) ? ATA_XFER_REP : ATA_XFER_WORD);
 	if (ata_present < 0) {
 		/* The first probe (before any chaos) says whether there is one. */
 		ata_present = r == ATA_OK;
@@ -714,13 +715,13 @@ int main(void)
 	for (uint64_t op = 1; op <= ops; op++) {
 		uint32_t r = below(100);
 
-		if (r < 35)
+		if (r < 40)
 			op_vmmio_reg();
-		else if (r < 50)
+		else if (r < 60)
 			op_queue_setup();
-		else if (r < 65)
+		else if (r < 75)
 			op_serial();
-		else if (r < 90)
+		else if (r < 92)
 			op_ata();
 		else
 			op_unclaimed();
