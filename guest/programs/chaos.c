@@ -378,6 +378,44 @@ static void op_queue_setup(void)
 	uint32_t qn, max, st;
 	uint64_t ring[3];
 
+	/* Half the time a by-the-book set-up (so the device really takes the
+	 * queue and walks the garbage in it), otherwise anything goes. */
+	int plausible = below(2);
+
+	if (plausible) {
+		uint64_t offered;
+
+		vreg_wr(base, VMMIO_STATUS, 0);
+		vreg_wr(base, VMMIO_STATUS, VSTAT_ACKNOWLEDGE | VSTAT_DRIVER);
+		vreg_wr(base, VMMIO_DEV_FEATURES_SEL, 0);
+		offered = vreg_rd(base, VMMIO_DEV_FEATURES);
+		vreg_wr(base, VMMIO_DEV_FEATURES_SEL, 1);
+		offered |= (uint64_t)vreg_rd(base, VMMIO_DEV_FEATURES) << 32;
+		offered &= rnd() | (1ull << VIRTIO_F_VERSION_1);
+		vreg_wr(base, VMMIO_DRV_FEATURES_SEL, 0);
+		vreg_wr(base, VMMIO_DRV_FEATURES, (uint32_t)offered);
+		vreg_wr(base, VMMIO_DRV_FEATURES_SEL, 1);
+		vreg_wr(base, VMMIO_DRV_FEATURES, (uint32_t)(offered >> 32));
+		vreg_wr(base, VMMIO_STATUS, VSTAT_ACKNOWLEDGE | VSTAT_DRIVER | VSTAT_FEATURES_OK);
+		vreg_wr(base, VMMIO_QUEUE_SEL, below(2));
+		qn = 1u << below(9);
+		max = vreg_rd(base, VMMIO_QUEUE_NUM_MAX);
+		while (qn > max && qn > 1)
+			qn >>= 1;
+		vreg_wr(base, VMMIO_QUEUE_NUM, qn);
+		for (int i = 0; i < 3; i++)
+			ring[i] = i && below(4) == 0 ? ring[below((uint32_t)i)] + 16 * below(4) :
+				  (uint64_t)(uintptr_t)scratch + (below(SCRATCH_SIZE / 2) & ~15u);
+		garbage_rings(ring[0], ring[1], qn);
+		for (int i = 0; i < 3; i++) {
+			vreg_wr(base, VMMIO_QUEUE_DESC_LO + 0x10 * (uint32_t)i, (uint32_t)ring[i]);
+			vreg_wr(base, VMMIO_QUEUE_DESC_HI + 0x10 * (uint32_t)i, 0);
+		}
+		vreg_wr(base, VMMIO_QUEUE_READY, 1);
+		vreg_wr(base, VMMIO_STATUS, VSTAT_ACKNOWLEDGE | VSTAT_DRIVER | VSTAT_FEATURES_OK |
+			VSTAT_DRIVER_OK);
+		goto notify;
+	}
 	if (below(3))
 		vreg_wr(base, VMMIO_STATUS, 0);   /* sometimes no reset: live queue */
 	st = VSTAT_ACKNOWLEDGE | VSTAT_DRIVER;
@@ -411,7 +449,8 @@ static void op_queue_setup(void)
 	if (below(4))
 		vreg_wr(base, VMMIO_STATUS, below(4) ? st | VSTAT_FEATURES_OK | VSTAT_DRIVER_OK
 					     : rand_status());
-	for (unsigned int k = below(4); k; k--) {
+notify:
+	for (unsigned int k = below(4) + plausible; k; k--) {
 		vreg_wr(base, VMMIO_QUEUE_NOTIFY, below(3) ? below(3) : rand_value());
 		if (below(3) == 0)
 			garbage_rings(ring[0], ring[1], qn);   /* change it under the device */
