@@ -362,6 +362,8 @@ class VirtioNet:
                 result = self._deliver(self._held[0], used)
                 if result is None:
                     break  # still no room: wait for the next kick
+                if not self._held:
+                    break  # a hostile ring: NEEDS_RESET's reset already dropped every held frame
                 frame = self._held.popleft()
                 self._held_bytes -= len(frame)
                 delivered += 1

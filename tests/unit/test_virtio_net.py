@@ -319,6 +319,17 @@ def test_a_hostile_receive_ring_means_needs_reset_not_an_exception():
 
 
 
+def test_held_frames_meeting_a_hostile_receive_ring_mean_needs_reset_not_an_exception():
+    """Found by the chaos guest: the reset NEEDS_RESET triggers dropped the held
+    frames while the flush was still walking them (IndexError out of a Status write)."""
+    nic = Nic()
+    assert nic.device.receive(frame())  # held: no buffers yet
+    nic.rx.add([bytes(1526)], [])  # device-readable: a driver error
+    nic.w(mmio.QUEUE_NOTIFY, 0)  # the kick flushes the held frame into it
+    assert nic.r(mmio.STATUS) & mmio.NEEDS_RESET and nic.c.rx_dropped_bad_ring == 1
+    assert nic.c.rx_held == 0 and nic.c.rx_dropped_reset == 1
+
+
 @pytest.mark.parametrize("mrg", [False, True])
 def test_a_receive_chain_with_a_device_readable_buffer_means_needs_reset(mrg):
     """As QEMU (virtio_error): the driver gave the device a buffer it may not write."""
