@@ -8,7 +8,7 @@ Each target runs in its own process (libFuzzer owns the process), with a
 per-input timeout of 5 s and a 2 GiB memory limit: a hang or a runaway
 allocation is a crash like an uncaught exception.  New inputs that reach new
 coverage go to ``fuzz/corpus/TARGET/`` (replayed by the test suite), crashes
-to ``fuzz/crashes/TARGET/``.  It prints, and writes as JSON with --json,
+to ``fuzz/crashes/TARGET/``, the fuzzer's log to ``fuzz/logs/TARGET.log``.  It prints, and writes as JSON with --json,
 executions, coverage (libFuzzer's ``cov``/``ft``) and crashes per target.
 """
 
@@ -70,8 +70,20 @@ def campaign(target: str, seconds: int) -> dict:
     args = [sys.executable, str(Path(__file__)), "--child", target, "--", str(corpus),
             f"-max_total_time={seconds}", "-timeout=5", "-rss_limit_mb=2048", f"-max_len={max_len}",
             f"-artifact_prefix={crashes}/", "-print_final_stats=1"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 120)
-    log = proc.stderr
+    # The fuzzer's log goes to a file as it runs (fuzz/logs/TARGET.log), so a
+    # campaign that overruns is killed with its figures still readable.
+    logs = HERE / "logs"
+    logs.mkdir(exist_ok=True)
+    log_path = logs / f"{target}.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log_file)
+        try:
+            returncode = proc.wait(timeout=seconds + 120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            returncode = "overran"
+    log = log_path.read_text(errors="replace")
     execs = cov = ft = 0
     for match in STAT.finditer(log):
         execs, cov, ft = (int(x) for x in match.groups())
@@ -80,8 +92,8 @@ def campaign(target: str, seconds: int) -> dict:
         execs, cov, ft = (int(x) for x in done.groups())
     found = sorted(p.name for p in crashes.iterdir())
     return {"target": target, "seconds": seconds, "executions": execs, "cov": cov, "ft": ft,
-            "crashes": found, "exit": proc.returncode, "corpus": len(list(corpus.iterdir())),
-            "tail": log[-1500:] if proc.returncode else ""}
+            "crashes": found, "exit": returncode, "corpus": len(list(corpus.iterdir())),
+            "tail": log[-1500:] if returncode else ""}
 
 
 def main() -> None:
