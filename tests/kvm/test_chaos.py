@@ -130,9 +130,15 @@ async def run_seeds(tmp_path, seeds, ops: int) -> None:
     await chaos_round(tmp_path, 0, 200, ping=True, reference=reference)  # warm-up: lazy imports, pools
     gc.collect()
     fds, threads = open_fds(), threading.active_count()
+    totals: dict[str, int] = {}
+    started = time.perf_counter()
     with Ticker() as ticker:
         for seed in seeds:
-            await chaos_round(tmp_path, seed, ops, ping=seed % 2 == 1, reference=reference)
+            summary = await chaos_round(tmp_path, seed, ops, ping=seed % 2 == 1, reference=reference)
+            for key in ("ops", "mmio", "pio", "legit_ok"):
+                totals[key] = totals.get(key, 0) + summary[key]
+    print(f"chaos: {len(seeds)} seeds in {time.perf_counter() - started:.0f} s, {totals}, "
+          f"worst loop tick {ticker.worst:.2f} s late")
     gc.collect()
     assert ticker.ticks > 0 and ticker.stalls == 0, f"worst tick {ticker.worst:.2f}s late"
     assert errors == [], errors  # nothing escaped to the loop's exception handler
@@ -141,12 +147,14 @@ async def run_seeds(tmp_path, seeds, ops: int) -> None:
     assert threading.active_count() <= threads
 
 
+@pytest.mark.timeout(600)  # ~15 s on a quiet host; several times that on a loaded 2-core one
 @pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_chaos_guest_beside_well_behaved_neighbours(tmp_path):
     await run_seeds(tmp_path, range(1, 6), 2000)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_chaos_guest_many_seeds(tmp_path):
     await run_seeds(tmp_path, range(100, 220), 3000)
