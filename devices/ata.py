@@ -172,9 +172,19 @@ class AtaDisk:
         return 0 if self._slave_selected() else self.status  # alternate status: no ack
 
     def control_write(self, offset: int, size: int, value: int) -> None:
+        value &= 0xFF
         if value & SRST and not self.control & SRST:
+            # SRST rising: drop what is in flight; the device stays busy (and
+            # ignores commands) for as long as the host holds SRST.
             self._reset()
-        self.control = value & 0xFF
+            self.status = BSY | DSC
+        elif self.control & SRST and not value & SRST:
+            # SRST falling completes the reset, as in QEMU's ide_ctrl_write: a
+            # driver's 1-then-0 sequence resets the device even when SRST was
+            # already held (the chaos guest left it set; a stale write then
+            # completed over the next IDENTIFY).
+            self._reset()
+        self.control = value
         self._set_irq(self._irq_pending)
 
     def control_port(self) -> _Control:

@@ -157,3 +157,49 @@ async def test_slave_select_reads_as_no_device():
     d = disk()
     d.write(DEVICE, 1, 0xB0)
     assert d.read(CMD, 1) == 0
+
+
+class SlowBackend(MemoryBackend):
+    """Writes take a few loop turns, so a reset can land while one is in flight."""
+
+    async def writev(self, offset, buffers):
+        for _ in range(20):
+            await asyncio.sleep(0)
+        await super().writev(offset, buffers)
+
+
+async def test_srst_falling_resets_even_when_srst_was_already_held():
+    """Found by the chaos guest: SRST left set, a write started, then a
+    driver's SRST-then-clear.  Before, only SRST's rising edge reset, so the
+    driver's sequence reset nothing, its IDENTIFY was ignored as busy, and the
+    stale write then completed over it (status 0x50, no DRQ)."""
+    d = AtaDisk(SlowBackend(64 * 512))
+    ctrl = d.control_port()
+    ctrl.write(0, 1, 0x02)  # nIEN
+    drv = Driver(d)
+    drv.select(0, 1)
+    d.write(CMD, 1, 0x30)  # WRITE SECTORS: one sector of data, then the backend works
+    d.write_string(DATA, 2, b"\x5a" * 512)
+    assert d.read(CMD, 1) & BSY
+    ctrl.write(0, 1, 0x06)  # SRST held (as a hostile guest leaves it)...
+    assert d.read(CMD, 1) & BSY  # ...the device is in reset
+    ctrl.write(0, 1, 0x06)  # a driver's reset: SRST (no edge: it was set)...
+    ctrl.write(0, 1, 0x02)  # ...then clear: the reset completes here
+    assert d.read(CMD, 1) & (BSY | DRQ | ERR) == 0
+    d.write(CMD, 1, 0xEC)  # IDENTIFY
+    for _ in range(50):  # the cancelled write must not come back over it
+        await asyncio.sleep(0)
+    assert d.read(CMD, 1) & DRQ
+    assert len(d.read_string(DATA, 2, 256)) == 512
+    assert d.counters.sectors_written == 0
+
+
+async def test_commands_are_ignored_while_srst_is_held():
+    d = disk()
+    ctrl = d.control_port()
+    ctrl.write(0, 1, 0x06)
+    d.write(CMD, 1, 0xEC)
+    assert d.read(CMD, 1) & BSY and not d.read(CMD, 1) & DRQ
+    ctrl.write(0, 1, 0x02)
+    d.write(CMD, 1, 0xEC)
+    assert d.read(CMD, 1) & DRQ
