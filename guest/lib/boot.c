@@ -235,6 +235,7 @@ void exception_entry(const uint64_t *f)
 
 	if (__atomic_exchange_n(&active, 1, __ATOMIC_ACQ_REL))
 		guest_exit(3);   /* fault while reporting, or second CPU */
+	serial_init();   /* the report must get out even if the UART was left in loopback */
 	printf_nolock("\nexception: vector %lu (%s) rip=0x%lx err=0x%lx "
 		      "cs=0x%lx rflags=0x%lx rsp=0x%lx",
 		      f[0], exc_names[f[0] & 31], f[2], f[1], f[3], f[4], f[5]);
