@@ -114,11 +114,12 @@ class MicrovmBoard:
         if self.kvm.check_extension("BINARY_STATS_FD"):
             self.kvm_stats = [KvmStats.for_vcpu(vcpu) for vcpu in self.vcpus]
 
-    def boot_entry(self, entry32: int, start_info: int) -> None:
-        """Put vCPU 0 at the guest's PVH 32-bit entry (``boot.pvh_initial_state``)."""
+    def boot_entry(self, entry32: int, ebx: int, eax: int = 0) -> None:
+        """Put vCPU 0 at the guest's 32-bit entry (``boot.pvh_initial_state``;
+        Multiboot differs only in EAX)."""
         from .boot import pvh_initial_state
 
-        pvh_initial_state(self.vcpus[0], entry32, start_info)
+        pvh_initial_state(self.vcpus[0], entry32, ebx, eax)
 
     def irq_line(self, irq: int, level: bool) -> None:
         """Drive an in-kernel irqchip input (thread-safe; ignored once closed)."""

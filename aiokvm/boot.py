@@ -54,7 +54,7 @@ E820_RESERVED = 2
 # the real-mode IVT/BDA and the SMP trampoline page the guest kit uses).
 START_INFO_ADDR = 0x6000
 MEMMAP_ADDR = 0x6040
-MEMMAP_MAX_ENTRIES = (0x7000 - MEMMAP_ADDR) // HVM_MEMMAP_ENTRY.size
+MEMMAP_MAX_ENTRIES = (0x6800 - MEMMAP_ADDR) // HVM_MEMMAP_ENTRY.size
 CMDLINE_ADDR = 0x20000
 CMDLINE_MAX = 0x8000  # bytes including the NUL
 BOOT_INFO_RANGES = ((START_INFO_ADDR, 0x7000), (CMDLINE_ADDR, CMDLINE_ADDR + CMDLINE_MAX))
@@ -106,10 +106,22 @@ def _bad(path: str, why: str) -> ConfigError:
     return ConfigError(f"{path}: {why}")
 
 
-def parse_elf(data: bytes, path: str = "<image>") -> ElfImage:
-    """Parse and validate an ELF64 or ELF32 PVH image.  Raises ``ConfigError`` only."""
+@dataclass(frozen=True)
+class ElfFile:
+    """What both boot protocols read from an ELF: its class, entry and loadable segments."""
+
+    bits: int
+    entry: int  # e_entry (Multiboot's entry point; PVH has its own note)
+    segments: tuple[Segment, ...]
+    pvh_entry: int | None
+
+
+def parse_elf_file(data: bytes, path: str = "<image>") -> ElfFile:
+    """Validate an ELF64 x86-64 or ELF32 i386 executable and list its PT_LOAD
+    segments (and the PVH entry note, if any).  Raises ``ConfigError`` only."""
     if len(data) < 4 or data[:4] != ELF_MAGIC:
-        raise _bad(path, "not an ELF file (bad magic); give an ELF64 x86-64 or ELF32 i386 PVH guest")
+        raise _bad(path, "not an ELF file (bad magic); give an ELF64 x86-64 or ELF32 i386 PVH guest, "
+                         "or a Multiboot image")
     if len(data) < EI_NIDENT:
         raise _bad(path, "truncated ELF header")
     layout = ELF_LAYOUTS.get(data[4])
@@ -119,7 +131,7 @@ def parse_elf(data: bytes, path: str = "<image>") -> ElfImage:
         raise _bad(path, "not a little-endian ELF")
     if len(data) < layout.ehdr.size:
         raise _bad(path, "truncated ELF header")
-    (_ident, e_type, e_machine, _version, _entry, e_phoff, _shoff, _flags, _ehsize,
+    (_ident, e_type, e_machine, _version, e_entry, e_phoff, _shoff, _flags, _ehsize,
      e_phentsize, e_phnum, *_rest) = layout.ehdr.unpack_from(data, 0)
     if e_machine != layout.machine:
         raise _bad(path, f"{layout.bits}-bit ELF machine {e_machine} is not {layout.machine_name} "
@@ -159,10 +171,16 @@ def parse_elf(data: bytes, path: str = "<image>") -> ElfImage:
                 entry32 = found
     if not segments:
         raise _bad(path, "ELF has no loadable (PT_LOAD) segments")
-    if entry32 is None:
-        raise _bad(path, "no PVH entry note (Xen note type 18, XEN_ELFNOTE_PHYS32_ENTRY); "
-                         "aiokvm boots guests by the PVH protocol")
-    return ElfImage(path, entry32, tuple(segments), data, layout.bits)
+    return ElfFile(layout.bits, e_entry, tuple(segments), entry32)
+
+
+def parse_elf(data: bytes, path: str = "<image>") -> ElfImage:
+    """Parse and validate an ELF64 or ELF32 PVH image.  Raises ``ConfigError`` only."""
+    elf = parse_elf_file(data, path)
+    if elf.pvh_entry is None:
+        raise _bad(path, "no PVH entry note (Xen note type 18, XEN_ELFNOTE_PHYS32_ENTRY) and no Multiboot "
+                         "header; aiokvm boots guests by the PVH or the Multiboot v1 protocol")
+    return ElfImage(path, elf.pvh_entry, elf.segments, data, elf.bits)
 
 
 def _find_pvh_entry(notes: bytes, path: str) -> int | None:
@@ -194,36 +212,41 @@ MAX_IMAGE_BYTES = 1 << 32
 
 
 def read_elf(path: str | Path) -> ElfImage:
-    """Read and parse a guest image.  Only regular files: a FIFO or a device
-    would block or never end, so they are refused before any read."""
+    """Read and parse a PVH guest image."""
+    return parse_elf(read_image_bytes(path, "guest image"), str(path))
+
+
+def read_image_bytes(path: str | Path, what: str = "guest image") -> bytes:
+    """Read a guest image or a boot module.  Only regular files: a FIFO or a
+    device would block or never end, so they are refused before any read."""
     path = str(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such guest image; give a path or a bundled guest name") from None
+        hint = "; give a path or a bundled guest name" if what == "guest image" else ""
+        raise ConfigError(f"{path}: no such {what}{hint}") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a guest image") from None
+        raise ConfigError(f"{path}: is a directory, not a {what}") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read guest image: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise ConfigError(f"{path}: is a directory, not a guest image")
+            raise ConfigError(f"{path}: is a directory, not a {what}")
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: is not a regular file; give an ELF guest image")
+            raise ConfigError(f"{path}: is not a regular file; give a file as the {what}")
         if st.st_size > MAX_IMAGE_BYTES:
-            raise ConfigError(f"{path}: {st.st_size} bytes is too large for a guest image")
+            raise ConfigError(f"{path}: {st.st_size} bytes is too large for a {what}")
         with os.fdopen(os.dup(fd), "rb") as fh:
-            data = fh.read()
+            return fh.read()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read guest image: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
     finally:
         os.close(fd)
-    return parse_elf(data, path)
 
 
-def load_image(image: ElfImage, memory: GuestMemory) -> None:
-    """Copy PT_LOAD segments into guest RAM (zero-filling .bss)."""
+def load_image(image, memory: GuestMemory, *, protocol: str = "PVH") -> None:
+    """Copy PT_LOAD segments (or a Multiboot image's one) into guest RAM, zero-filling .bss."""
     for seg in image.segments:
         if not memory.contains(seg.paddr, seg.memsz):
             raise ConfigError(
@@ -233,13 +256,89 @@ def load_image(image: ElfImage, memory: GuestMemory) -> None:
         for lo, hi in BOOT_INFO_RANGES:
             if seg.paddr < hi and lo < seg.paddr + seg.memsz:
                 raise ConfigError(
-                    f"{image.path}: segment at {seg.paddr:#x} overlaps the PVH boot info at [{lo:#x}, {hi:#x})"
+                    f"{image.path}: segment at {seg.paddr:#x} overlaps the {protocol} boot info at [{lo:#x}, {hi:#x})"
                 )
         view = memory.view(seg.paddr, seg.memsz)
         view[:seg.filesz] = image.data[seg.offset:seg.offset + seg.filesz]
         view[seg.filesz:] = bytes(seg.memsz - seg.filesz)
     if not memory.contains(image.entry32, 1):
-        raise ConfigError(f"{image.path}: PVH entry {image.entry32:#x} is outside guest RAM")
+        raise ConfigError(f"{image.path}: {protocol} entry {image.entry32:#x} is outside guest RAM")
+
+
+@dataclass(frozen=True)
+class BootModule:
+    """A file handed to the guest beside its image (``--initrd``): Multiboot
+    modules, PVH's module list.  ``string`` is what the guest reads as the
+    module's command line (QEMU gives the ``-initrd`` text itself)."""
+
+    data: bytes = field(repr=False)
+    string: str
+    path: str
+
+
+@dataclass(frozen=True)
+class PlacedModule:
+    start: int
+    end: int  # exclusive, as Multiboot's mod_end
+    string_addr: int
+
+
+PAGE = 4096
+
+
+def read_module(spec: str | Path) -> BootModule:
+    """``FILE`` or ``FILE ARGS`` (QEMU's Multiboot ``-initrd`` form): the
+    whole text is the module's string, the first word its file."""
+    text = str(spec)
+    file = text.split(" ", 1)[0]
+    if not file:
+        raise ConfigError(f"module {text!r}: give a file name first")
+    return BootModule(read_image_bytes(file, "boot module"), text, file)
+
+
+def place_modules(memory: GuestMemory, image_end: int, modules, strings_start: int) -> list[PlacedModule]:
+    """Put each module at the first page-aligned spot after the image (as QEMU
+    does) that avoids the boot info and the low-memory holes; their strings
+    go after the command line, in the boot-strings area."""
+    avoid = [*BOOT_INFO_RANGES, (EBDA_START, HIGH_MEMORY)]
+    placed: list[PlacedModule] = []
+    at = image_end
+    string_at = strings_start
+    for module in modules:
+        at = (at + PAGE - 1) & ~(PAGE - 1)
+        length = len(module.data)
+        moved = True
+        while moved:
+            moved = False
+            for lo, hi in avoid:
+                if at < hi and lo < at + max(length, 1):
+                    at = (hi + PAGE - 1) & ~(PAGE - 1)
+                    moved = True
+        if at + length > 1 << 32 or not memory.contains(at, max(length, 1)):
+            raise ConfigError(f"{module.path}: a {length}-byte module does not fit in guest RAM after the image "
+                              f"(at {at:#x}); give more memory")
+        raw = module.string.encode() + b"\0"
+        if b"\0" in raw[:-1]:
+            raise ConfigError(f"{module.path}: module string contains a NUL byte")
+        if string_at + len(raw) > CMDLINE_ADDR + CMDLINE_MAX:
+            raise ConfigError(f"the command line and module strings exceed {CMDLINE_MAX} bytes")
+        memory.write(at, module.data)
+        memory.write(string_at, raw)
+        placed.append(PlacedModule(at, at + length, string_at))
+        at += length
+        string_at += len(raw)
+    return placed
+
+
+def write_cmdline(memory: GuestMemory, cmdline: str) -> int:
+    """Write the NUL-terminated command line at ``CMDLINE_ADDR``; returns where the next string may go."""
+    raw = cmdline.encode() + b"\0"
+    if len(raw) > CMDLINE_MAX:
+        raise ConfigError(f"command line is {len(raw) - 1} bytes; the limit is {CMDLINE_MAX - 1}")
+    if b"\0" in raw[:-1]:
+        raise ConfigError("command line contains a NUL byte")
+    memory.write(CMDLINE_ADDR, raw)
+    return CMDLINE_ADDR + len(raw)
 
 
 # Holes QEMU microvm's memory map reports (measured with QEMU 7.2): the EBDA,
@@ -271,25 +370,33 @@ def e820_map(memory: GuestMemory) -> list[tuple[int, int, int]]:
     return sorted(entries)
 
 
-def write_start_info(memory: GuestMemory, cmdline: str) -> int:
-    """Write ``hvm_start_info`` v1, the memory map and the command line.
+HVM_MODLIST_ENTRY = struct.Struct("<QQQQ")  # paddr, size, cmdline_paddr, reserved
+MODLIST_ADDR = 0x6800
+MODLIST_MAX_ENTRIES = (0x7000 - MODLIST_ADDR) // HVM_MODLIST_ENTRY.size
+
+
+def write_start_info(memory: GuestMemory, cmdline: str, modules=(), image_end: int = HIGH_MEMORY) -> int:
+    """Write ``hvm_start_info`` v1, the memory map, the command line and the
+    modules (``BootModule``, placed after ``image_end``).
 
     Returns the start info's guest-physical address (EBX at entry).
     """
-    raw = cmdline.encode() + b"\0"
-    if len(raw) > CMDLINE_MAX:
-        raise ConfigError(f"command line is {len(raw) - 1} bytes; the limit is {CMDLINE_MAX - 1}")
-    if b"\0" in raw[:-1]:
-        raise ConfigError("command line contains a NUL byte")
     memmap = e820_map(memory)
     if len(memmap) > MEMMAP_MAX_ENTRIES:  # pragma: no cover - two regions at most today
         raise ConfigError("too many memory map entries")
+    if len(modules) > MODLIST_MAX_ENTRIES:
+        raise ConfigError(f"{len(modules)} modules; PVH boot here takes at most {MODLIST_MAX_ENTRIES}")
     try:
-        memory.write(CMDLINE_ADDR, raw)
+        strings_at = write_cmdline(memory, cmdline)
+        placed = place_modules(memory, image_end, modules, strings_at)
         for i, (start, size, kind) in enumerate(memmap):
             memory.write(MEMMAP_ADDR + i * HVM_MEMMAP_ENTRY.size, HVM_MEMMAP_ENTRY.pack(start, size, kind, 0))
+        for i, mod in enumerate(placed):
+            memory.write(MODLIST_ADDR + i * HVM_MODLIST_ENTRY.size,
+                         HVM_MODLIST_ENTRY.pack(mod.start, mod.end - mod.start, mod.string_addr, 0))
         memory.write(START_INFO_ADDR, HVM_START_INFO.pack(
-            HVM_START_MAGIC, 1, 0, 0, 0, CMDLINE_ADDR, 0, MEMMAP_ADDR, len(memmap), 0,
+            HVM_START_MAGIC, 1, 0, len(placed), MODLIST_ADDR if placed else 0, CMDLINE_ADDR, 0, MEMMAP_ADDR,
+            len(memmap), 0,
         ))
     except GuestMemoryError:  # pragma: no cover - memory is at least 2 MiB
         raise ConfigError("guest memory too small for the PVH boot info") from None
@@ -298,21 +405,30 @@ def write_start_info(memory: GuestMemory, cmdline: str) -> int:
 
 def parse_start_info(memory: GuestMemory, addr: int) -> dict:
     """Read back a start info block (for tests and debugging)."""
-    (magic, version, flags, nr_modules, _modlist, cmdline_paddr, _rsdp, memmap_paddr,
+    (magic, version, flags, nr_modules, modlist, cmdline_paddr, _rsdp, memmap_paddr,
      memmap_entries, _res) = HVM_START_INFO.unpack(memory.read(addr, HVM_START_INFO.size))
-    cmd = bytearray()
-    pos = cmdline_paddr
-    while (b := memory.read_u8(pos)) != 0:
-        cmd.append(b)
-        pos += 1
     entries = [HVM_MEMMAP_ENTRY.unpack(memory.read(memmap_paddr + i * HVM_MEMMAP_ENTRY.size, HVM_MEMMAP_ENTRY.size))[:3]
                for i in range(memmap_entries)]
+    modules = []
+    for i in range(nr_modules):
+        paddr, size, string, _ = HVM_MODLIST_ENTRY.unpack(memory.read(modlist + i * HVM_MODLIST_ENTRY.size,
+                                                                      HVM_MODLIST_ENTRY.size))
+        modules.append({"start": paddr, "size": size, "string": read_cstring(memory, string)})
     return {"magic": magic, "version": version, "flags": flags, "nr_modules": nr_modules,
-            "cmdline": cmd.decode(errors="replace"), "memmap": entries}
+            "cmdline": read_cstring(memory, cmdline_paddr), "memmap": entries, "modules": modules}
 
 
-def pvh_initial_state(vcpu, entry32: int, start_info: int) -> None:
-    """Put a vCPU in the PVH entry state: 32-bit protected mode, paging off."""
+def read_cstring(memory: GuestMemory, addr: int, limit: int = CMDLINE_MAX) -> str:
+    """A NUL-terminated string from guest RAM (tests and debugging)."""
+    raw = bytearray()
+    while len(raw) < limit and (b := memory.read_u8(addr + len(raw))) != 0:
+        raw.append(b)
+    return raw.decode(errors="replace")
+
+
+def pvh_initial_state(vcpu, entry32: int, start_info: int, eax: int = 0) -> None:
+    """Put a vCPU in the PVH entry state: 32-bit protected mode, paging off,
+    EBX the boot info.  Multiboot's entry state is the same with ``eax`` its magic."""
     sregs = vcpu.get_sregs()
     code = {"base": 0, "limit": 0xFFFFFFFF, "selector": 0x08, "type": 0xB, "present": 1,
             "dpl": 0, "db": 1, "s": 1, "l": 0, "g": 1, "avl": 0, "unusable": 0}
@@ -330,8 +446,9 @@ def pvh_initial_state(vcpu, entry32: int, start_info: int) -> None:
     sregs.efer = 0
     vcpu.set_sregs(sregs)
     regs = vcpu.get_regs()
-    for reg in ("rax", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"):
+    for reg in ("rcx", "rdx", "rsi", "rdi", "rsp", "rbp"):
         setattr(regs, reg, 0)
+    regs.rax = eax
     regs.rbx = start_info
     regs.rip = entry32
     regs.rflags = 0x2  # IF, TF, VM clear

@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from . import boot, guests
+from . import boot, guests, loader
 from .accel import ACCELERATORS, resolve_accel
 from .board import MicrovmBoard
 from .bus import Bus, HandlerMode, Region
@@ -37,6 +37,7 @@ from .cpu.vcpu_thread import VcpuThread, ensure_kick_handler, guest_error
 from .device_manager import DeviceManager
 from .devices.console import COM1_IRQ, COM1_PORT, SerialConsole
 from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
+from .devices.fw_cfg import FW_CFG_PORT, FW_CFG_PORT_SIZE, FwCfg
 from .dispatch import Dispatcher
 from .errors import AiokvmError, ConfigError, GuestError, HandoffCancelled, MachineTimeout
 from .handoff import C_MECHANISMS, DEFAULT_HANDOFF, HANDOFFS, EventHandoff, LockHandoff, SlotServer
@@ -120,7 +121,9 @@ class Machine:
         self.python_handoff: EventHandoff | None = None
         self.console: SerialConsole | None = None
         self.debug_exit: DebugExit | None = None
+        self.fw_cfg: FwCfg | None = None
         self.cmdline = ""
+        self.boot_protocol: str | None = None  # "pvh" or "multiboot" once loaded
         self._opened = False
         self._closed = False
         self._closing = False
@@ -182,6 +185,9 @@ class Machine:
         self.debug_exit = DebugExit(self._on_debug_exit)
         self.add_device(self.debug_exit, pio=(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE), mode=HandlerMode.INLINE,
                         name="debug-exit")
+        # QEMU microvm always has fw_cfg: kvm-unit-tests read the vCPU count there.
+        self.fw_cfg = FwCfg(cpus=self.vcpu_count, ram_size=self.memory_size)
+        self.add_device(self.fw_cfg, pio=(FW_CFG_PORT, FW_CFG_PORT_SIZE), mode=HandlerMode.INLINE, name="fw_cfg")
         if self._serial_input is not None:
             self.console.attach_source(self._serial_input)
 
@@ -362,6 +368,38 @@ class Machine:
         switch.add_nic(device, port=port or self.name, vlan=vlan)
         return device
 
+    def add_pc_testdev(self):
+        """Attach QEMU's pc-testdev (``devices/pc_testdev.py``), as kvm-unit-tests'
+        runner does: scratch ports at 0xe0, the page-flush port 0xe4, IRQ
+        lines at 0x2000+n and 64 KiB of MMIO scratch at 0xff000000.  Inline:
+        every access is a short register operation.  Returns the device."""
+        from .devices.pc_testdev import (
+            IOMEM_BASE,
+            IOMEM_SIZE,
+            IRQ_LINES,
+            IRQ_PORT,
+            PORTS_SIZE,
+            SCRATCH_PORT,
+            PcTestdev,
+        )
+
+        self._require_open()
+        if self.devices.get("pc-testdev") is not None:
+            raise ConfigError("this machine already has a pc-testdev")
+        device = PcTestdev(irq_line=self.irq_line, flush_page=self.memory.invalidate_page)
+        region = self.add_device(device, pio=(SCRATCH_PORT, PORTS_SIZE), mode=HandlerMode.INLINE, name="pc-testdev")
+        attached = [region]
+        try:
+            for window, name, where in ((device.irq_port(), "pc-testdev-irq", {"pio": (IRQ_PORT, IRQ_LINES)}),
+                                        (device.iomem(), "pc-testdev-iomem", {"mmio": (IOMEM_BASE, IOMEM_SIZE)})):
+                attached.append(self.devices.attach(window, mode=HandlerMode.INLINE, name=name, owner=device,
+                                                    **where))
+        except BaseException:
+            for done in reversed(attached):
+                self.devices.detach(done)
+            raise
+        return device
+
     def irqfd(self, gsi: int, *, resample: bool = False, on_resample=None) -> IrqFd:
         """An interrupt line the loop raises by writing an eventfd (no vCPU kick).
 
@@ -377,23 +415,33 @@ class Machine:
         if not self._closed and self.board is not None:
             self.board.irq_line(irq, level)
 
-    def load(self, guest: str | Path, cmdline: str = "") -> None:
-        """Load a PVH ELF guest (a path or a bundled guest name) and set up vCPU 0."""
+    def load(self, guest: str | Path, cmdline: str = "", *, modules=()) -> None:
+        """Load a guest (a path or a bundled guest name) and set up vCPU 0.
+
+        The file's header picks the protocol (``loader.py``): Multiboot v1
+        (kvm-unit-tests' ``.flat`` files) or a PVH ELF.  ``modules``: files
+        handed to the guest beside it, each ``FILE`` or ``FILE ARGS`` (QEMU's
+        ``-initrd``); Multiboot modules, or PVH's module list.
+        """
         self._require_open()
         if self._running:
             raise ConfigError("cannot load a guest into a running machine")
+        if isinstance(modules, str | Path):
+            modules = [modules]
         path = guests.resolve(guest)
-        image = boot.read_elf(path)
-        boot.load_image(image, self.memory)
-        if self.vcpu_count > 1 and "cpus=" not in cmdline.split("#")[0]:
-            # Boot convention of the guest kit: the vCPU count on the cmdline.
-            cmdline = f"{cmdline} cpus={self.vcpu_count}".strip()
-        # What QEMU's auto-kernel-cmdline adds for each virtio-mmio device.
-        cmdline = " ".join([cmdline, *self.board.virtio_slots.cmdline_entries()]).strip()
-        start_info = boot.write_start_info(self.memory, cmdline)
-        self.board.boot_entry(image.entry32, start_info)  # the board knows how its vCPU starts
+        image = loader.read_guest(path)
+        boot_modules = [boot.read_module(m) for m in modules]
+        if loader.protocol_of(image) == "pvh":
+            if self.vcpu_count > 1 and "cpus=" not in cmdline.split("#")[0]:
+                # Boot convention of the guest kit: the vCPU count on the cmdline.
+                cmdline = f"{cmdline} cpus={self.vcpu_count}".strip()
+            # What QEMU's auto-kernel-cmdline adds for each virtio-mmio device.
+            cmdline = " ".join([cmdline, *self.board.virtio_slots.cmdline_entries()]).strip()
+        entry = loader.load_guest(image, self.memory, cmdline, boot_modules)
+        self.board.boot_entry(entry.entry32, entry.ebx, entry.eax)  # the board knows how its vCPU starts
         self.devices.freeze_virtio("load()")
-        self.cmdline = cmdline
+        self.cmdline = entry.cmdline
+        self.boot_protocol = entry.protocol
         self._loaded = path
 
     # -- running ---------------------------------------------------------------------

@@ -179,6 +179,28 @@ class GuestMemory:
 
         return int(ffi.cast("uintptr_t", ffi.from_buffer(region.mapping)))
 
+    def invalidate_page(self, addr: int) -> bool:
+        """Make KVM drop its mapping of the guest page holding ``addr`` (what
+        pc-testdev's flush port asks for); the guest's next touch faults it in.
+
+        QEMU takes the page away (PROT_NONE) and gives it back.  Here the
+        page gains PROT_EXEC and loses it again: a protection change all the
+        same, so the kernel's MMU notifier tells KVM to unmap it, but host
+        threads that read or write the page in between (device models on the
+        loop) never fault.  Returns False for an address outside RAM.
+        """
+        if not self.contains(addr & ~0xFFF, 0x1000):
+            return False
+        for region in self.regions:
+            if region.start <= addr < region.end:
+                host = self.host_address(region) + ((addr & ~0xFFF) - region.start)
+                mprotect = _libc_mprotect()
+                rw = mmap.PROT_READ | mmap.PROT_WRITE
+                if mprotect(host, 0x1000, rw | _PROT_EXEC) != 0:
+                    return False  # a W^X policy refuses it: nothing changed
+                return mprotect(host, 0x1000, rw) == 0
+        return False  # pragma: no cover - contains() said it is RAM
+
     def close(self) -> None:
         self._bounds = []
         for view in self._views:
@@ -196,3 +218,19 @@ class GuestMemory:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_PROT_EXEC = 0x4
+_mprotect = None
+
+
+def _libc_mprotect():
+    global _mprotect
+    if _mprotect is None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        libc.mprotect.restype = ctypes.c_int
+        _mprotect = libc.mprotect
+    return _mprotect

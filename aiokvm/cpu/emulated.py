@@ -75,9 +75,10 @@ class EmulatedVcpu:
         self.index = index
         self.entry: int | None = None
         self.start_info = 0
+        self.eax = 0
 
-    def set_pvh_entry(self, entry32: int, start_info: int) -> None:
-        self.entry, self.start_info = entry32, start_info
+    def set_pvh_entry(self, entry32: int, start_info: int, eax: int = 0) -> None:
+        self.entry, self.start_info, self.eax = entry32, start_info, eax
 
     def close(self) -> None:
         pass
@@ -102,8 +103,8 @@ class EmulatedBoard:
         self.vcpus = [EmulatedVcpu(0)]
         self.virtio_slots = VirtioSlots()
 
-    def boot_entry(self, entry32: int, start_info: int) -> None:
-        self.vcpus[0].set_pvh_entry(entry32, start_info)
+    def boot_entry(self, entry32: int, start_info: int, eax: int = 0) -> None:
+        self.vcpus[0].set_pvh_entry(entry32, start_info, eax)
 
     def irq_line(self, irq: int, level: bool) -> None:
         pass  # no interrupt controller: device interrupts have nowhere to go
@@ -172,7 +173,13 @@ class EmulatedVcpuThread(ThreadControl):
 
     def _setup(self):
         from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_32, UC_PROT_ALL, Uc
-        from unicorn.x86_const import UC_CPU_X86_QEMU64, UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_REG_EBX
+        from unicorn.x86_const import (
+            UC_CPU_X86_QEMU64,
+            UC_X86_INS_IN,
+            UC_X86_INS_OUT,
+            UC_X86_REG_EAX,
+            UC_X86_REG_EBX,
+        )
 
         uc = Uc(UC_ARCH_X86, UC_MODE_32)
         uc.ctl_set_cpu_model(UC_CPU_X86_QEMU64)  # long mode, which the guest switches to itself
@@ -188,6 +195,7 @@ class EmulatedVcpuThread(ThreadControl):
         uc.hook_add(UC_HOOK_INSN, self._port_in, None, 1, 0, UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._port_out, None, 1, 0, UC_X86_INS_OUT)
         uc.reg_write(UC_X86_REG_EBX, self.vcpu.start_info)
+        uc.reg_write(UC_X86_REG_EAX, self.vcpu.eax)
         return uc
 
     def _run(self) -> None:
