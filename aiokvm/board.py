@@ -77,7 +77,10 @@ class MicrovmBoard:
     Owns every KVM fd and the guest RAM; ``close()`` frees them (idempotent).
     """
 
-    def __init__(self, memory_size: int, vcpus: int) -> None:
+    def __init__(self, memory_size: int, vcpus: int, cpu=None, *, pit: bool = True) -> None:
+        self.pit = pit  # QEMU's -machine pit=off leaves the in-kernel PIT out
+        self.cpu = cpu  # a cpu.models.CpuSpec, or None: all KVM supports, as KVM reports it
+        self.dropped_features: list[str] = []
         self.kvm: Kvm | None = None
         self.vm = None
         self.memory: GuestMemory | None = None
@@ -102,15 +105,21 @@ class MicrovmBoard:
             except OSError:
                 pass  # only needed by VMX hosts; others may refuse it
         self.vm.create_irqchip()
-        self.vm.create_pit2()
+        if self.pit:
+            self.vm.create_pit2()
         self.memory = GuestMemory(memory_size)
         for slot, region in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(slot, region.start, region.size, self.memory.host_address(region))
         supported = self.kvm.supported_cpuid()
+        entries = cpuid_entries(supported)
+        if self.cpu is not None:
+            from .cpu.models import apply_model
+
+            self.dropped_features = apply_model(entries, self.cpu)
         for index in range(vcpu_count):
             vcpu = self.vm.create_vcpu(index)
             self.vcpus.append(vcpu)
-            vcpu.set_cpuid2(cpuid_for(supported, index, vcpu_count))
+            vcpu.set_cpuid2(cpuid_for(entries, index, vcpu_count))
         if self.kvm.check_extension("BINARY_STATS_FD"):
             self.kvm_stats = [KvmStats.for_vcpu(vcpu) for vcpu in self.vcpus]
 
@@ -144,15 +153,23 @@ class MicrovmBoard:
             self.memory.close()
 
 
-def cpuid_for(supported, index: int, count: int):
-    """The host-supported CPUID with vCPU ``index``'s APIC ID filled in."""
-    n = supported.nent
+CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+
+
+def cpuid_entries(supported) -> list[dict]:
+    """KVM's ``struct kvm_cpuid2`` as plain dicts (what ``cpu.models`` edits)."""
+    return [{name: getattr(supported.entries[i], name) for name in CPUID_FIELDS} for i in range(supported.nent)]
+
+
+def cpuid_for(entries: list[dict], index: int, count: int):
+    """The CPUID entries with vCPU ``index``'s APIC ID filled in, as a ``struct kvm_cpuid2``."""
+    n = len(entries)
     cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
     cpuid.nent = n
     for i in range(n):
-        src, dst = supported.entries[i], cpuid.entries[i]
-        for field in ("function", "index", "flags", "eax", "ebx", "ecx", "edx"):
-            setattr(dst, field, getattr(src, field))
+        src, dst = entries[i], cpuid.entries[i]
+        for field in CPUID_FIELDS:
+            setattr(dst, field, src[field])
         if dst.function == 1:
             # EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
             dst.ebx = (dst.ebx & 0x0000FFFF) | (index << 24) | (min(count, 255) << 16)

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "aiokvm bench compare A.json B.json")
     bench.add_argument("name", metavar="NAME", help="exits, disk, net, boot, bridge, all, or compare")
 
+    sub.add_parser("kut", help="run kvm-unit-tests' x86 guests under aiokvm (`aiokvm kut --help`)",
+                   add_help=False)
     sub.add_parser("info", help="show KVM, capabilities and bundled guests")
     return parser
 
@@ -407,13 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     # REMAINDER would not take words that look like options).
     passthrough: list[str] = []
     for at, word in enumerate(argv):
-        if word in ("demo", "bench") and all(w.startswith("-") or argv[i - 1] in ("--log-format", "--log-level")
+        if word in ("demo", "bench", "kut") and all(w.startswith("-") or argv[i - 1] in ("--log-format", "--log-level")
                                               for i, w in enumerate(argv[:at])):
             keep = 2 if word == "bench" else 1
             argv, passthrough = argv[:at + keep], argv[at + keep:]
             break
     all_args = [parser.parse_args(segment) for segment in _split_machines(argv)]
-    if getattr(all_args[0], "command", None) in ("demo", "bench"):
+    if getattr(all_args[0], "command", None) in ("demo", "bench", "kut"):
         all_args[0].rest = passthrough
     args = all_args[0]
     configure_logging(args.log_format, args.log_level)
@@ -425,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench.demo import main as demo_main
 
             return demo_main(args.rest)
+        if args.command == "kut":
+            from .cli_kut import kut_command
+
+            return kut_command(args.rest)
         if args.command == "bench":
             from .bench.run import bench_command
 

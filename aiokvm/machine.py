@@ -69,7 +69,10 @@ class Machine:
 
     Configuration (memory, vCPUs, handoff) is checked here, before anything
     is opened; ``open()`` (or ``async with``) creates the board and the
-    default devices: COM1 (``serial0``, inline) and isa-debug-exit at 0xf4.
+    default devices: COM1 (``serial0``, inline), isa-debug-exit at 0xf4 and
+    fw_cfg at 0x510 (as QEMU microvm has them).  ``cpu``: a CPU model as
+    QEMU's ``-cpu`` (``cpu/models.py``; default: all that KVM supports, as it
+    reports it).  ``pit=False``: no in-kernel PIT (QEMU's ``pit=off``).
     """
 
     def __init__(
@@ -85,6 +88,8 @@ class Machine:
         serial_input: Any = None,
         name: str | None = None,
         accel: str = "kvm",
+        cpu: str | None = None,
+        pit: bool = True,
     ) -> None:
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
             raise ConfigError(f"vcpus must be a positive integer, got {vcpus!r}")
@@ -101,6 +106,15 @@ class Machine:
         if accel not in ACCELERATORS:
             raise ConfigError(f"unknown accelerator {accel!r}; choose one of {', '.join(ACCELERATORS)}")
         self.accel = resolve_accel(accel)
+        if cpu is not None:
+            from .cpu.models import parse_cpu
+
+            if accel == "unicorn":
+                raise ConfigError("accel=unicorn has its own CPU model; --cpu is for KVM")
+            self.cpu = parse_cpu(cpu)
+        else:
+            self.cpu = None
+        self.pit = pit
         self.memory_size = validate_memory_size(parse_size(memory))
         self.vcpu_count = vcpus
         self.handoff_name = handoff
@@ -169,7 +183,10 @@ class Machine:
 
             self.board = EmulatedBoard(self.memory_size, self.vcpu_count)
         else:
-            self.board = MicrovmBoard(self.memory_size, self.vcpu_count)
+            self.board = MicrovmBoard(self.memory_size, self.vcpu_count, self.cpu, pit=self.pit)
+            if self.board.dropped_features:
+                self._log.warning("host does not support requested CPU features; dropped",
+                                  features=self.board.dropped_features)
         self.bus = Bus()
         self.bus.set_guard(self._check_bus_may_change)
         python_handoff = {"event": EventHandoff, "lock": LockHandoff}.get(self.handoff_name)

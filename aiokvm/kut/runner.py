@@ -1,0 +1,140 @@
+"""Run kvm-unit-tests plans under aiokvm, and under QEMU microvm to compare.
+
+Statuses are the suite's (``scripts/runtime.bash``): a guest that writes v
+to isa-debug-exit ends with QEMU's process status ``(v << 1) | 1``; 1 is
+PASS, 77 SKIP, anything else FAIL; a run past its timeout is TIMEOUT (the
+suite's FAIL "timeout").  A test this VMM cannot run as configured (a
+device, machine or CPU model it lacks) is SKIP with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import AiokvmError, ConfigError, MachineTimeout
+from .config import Plan
+
+PASS, FAIL, SKIP, TIMEOUT = "PASS", "FAIL", "SKIP", "TIMEOUT"
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass
+class Outcome:
+    status: str
+    seconds: float
+    detail: str = ""  # the guest's SUMMARY line, or why
+    exit_status: int | None = None  # QEMU's convention: (v << 1) | 1
+    log: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def status_of(exit_status: int) -> str:
+    """The suite's verdict on a VMM process status."""
+    if exit_status == 1:
+        return PASS
+    if exit_status == 77:
+        return SKIP
+    return FAIL
+
+
+def summary_of(log: Path) -> str:
+    """The guest's last ``SUMMARY:`` line (what the suite prints beside the status)."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if line.startswith("SUMMARY:"):
+            return line.removeprefix("SUMMARY:").strip()
+    return ""
+
+
+async def run_aiokvm(plan: Plan, environment: Path, log: Path) -> Outcome:
+    """One test under aiokvm: the machine x86/run gives it (pc-testdev,
+    isa-debug-exit, fw_cfg, its CPU model, vCPUs and memory)."""
+    from ..machine import Machine
+
+    if plan.skip:
+        return Outcome(SKIP, 0.0, plan.skip)
+    started = time.monotonic()
+    with open(log, "wb") as out:
+        try:
+            async with Machine(memory=f"{plan.memory_mb}M", vcpus=plan.vcpus, cpu=plan.cpu, pit=plan.pit,
+                               serial_output=out, name=plan.test.name) as vm:
+                vm.add_pc_testdev()
+                vm.load(plan.kernel, plan.cmdline, modules=[str(environment)])
+                status = await vm.run(timeout=plan.timeout)
+        except MachineTimeout:
+            return Outcome(TIMEOUT, time.monotonic() - started, f"timeout; duration={plan.timeout:g}s",
+                           124, str(log))
+        except ConfigError as exc:
+            return Outcome(SKIP, time.monotonic() - started, str(exc), None, str(log))
+        except AiokvmError as exc:
+            return Outcome(FAIL, time.monotonic() - started, str(exc).splitlines()[0], None, str(log))
+    seconds = time.monotonic() - started
+    if status.code is None:
+        # Not through isa-debug-exit (a shutdown, a reset, every vCPU halted): QEMU exits 0, which the suite fails.
+        return Outcome(FAIL, seconds, f"ended without isa-debug-exit ({status.reason})", 0, str(log))
+    exit_status = ((status.code << 1) | 1) & 0xFF
+    return Outcome(status_of(exit_status), seconds, summary_of(log), exit_status, str(log))
+
+
+def qemu_command(plan: Plan, environment: Path, qemu: str = QEMU) -> list[str]:
+    """x86/run's command line, on QEMU's microvm board."""
+    machine = "microvm" + ("" if plan.pit else ",pit=off")
+    command = [qemu, "-M", machine, "-accel", "kvm", "--no-reboot", "-nodefaults", "-display", "none",
+               "-serial", "stdio", "-device", "pc-testdev", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
+               "-cpu", plan.cpu, "-smp", str(plan.vcpus), "-m", str(plan.memory_mb),
+               "-kernel", str(plan.kernel), "-initrd", str(environment)]
+    if plan.pit:
+        command[3:3] = ["-global", "kvm-pit.lost_tick_policy=discard"]
+    if plan.cmdline:
+        command += ["-append", plan.cmdline]
+    return command
+
+
+async def run_qemu(plan: Plan, environment: Path, log: Path, qemu: str = QEMU) -> Outcome:
+    """The same test under QEMU microvm, as the suite's own runner would start it."""
+    if plan.skip:
+        return Outcome(SKIP, 0.0, plan.skip)
+    if shutil.which(qemu) is None:
+        return Outcome(SKIP, 0.0, f"{qemu} not found")
+    started = time.monotonic()
+    with open(log, "wb") as out:
+        proc = await asyncio.create_subprocess_exec(*qemu_command(plan, environment, qemu),
+                                                    stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        try:
+            returncode = await asyncio.wait_for(proc.wait(), plan.timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return Outcome(TIMEOUT, time.monotonic() - started, f"timeout; duration={plan.timeout:g}s", 124,
+                           str(log))
+    seconds = time.monotonic() - started
+    if returncode == 0 or returncode < 0:
+        why = f"signal {-returncode}" if returncode < 0 else "exit 0 (no isa-debug-exit)"
+        return Outcome(FAIL, seconds, f"QEMU ended with {why}", returncode, str(log))
+    return Outcome(status_of(returncode), seconds, summary_of(log), returncode, str(log))
+
+
+@contextlib.contextmanager
+def environment_file(text: str):
+    """The environment module, in a temporary file for the length of the run."""
+    fd, name = tempfile.mkstemp(prefix="kut-env-")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        yield Path(name)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
