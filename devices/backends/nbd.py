@@ -599,14 +599,18 @@ class NbdBackend:
                     kind = "a structured reply, never negotiated" if magic == STRUCTURED_REPLY_MAGIC else (
                         f"bad reply magic {magic:#x}")
                     raise _ProtocolError(f"server sent {kind}")
-                request = self._pending.pop(cookie, None)
+                request = self._pending.get(cookie)
                 if request is None:
                     raise _ProtocolError(f"server replied to unknown cookie {cookie}")
                 if error:
+                    del self._pending[cookie]
                     self._complete_with_error(request, error)
                 else:
                     if request.command == CMD_READ:
+                        # Still pending while its payload arrives: if the connection
+                        # ends mid-payload, _fail() must find it and fail it.
                         await self._receive_payload(request)
+                    del self._pending[cookie]
                     if not request.future.done():
                         request.future.set_result(None)
                 if not self._pending:

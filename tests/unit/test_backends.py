@@ -540,8 +540,10 @@ class FakeNbdServer:
 
     def __init__(self, size: int = DISK, *, export: str = "disk", flags: int | None = None,
                  go_supported: bool = True, fail: dict[int, int] | None = None,
-                 drop_after: int | None = None, block_sizes: tuple[int, int, int] | None = None) -> None:
+                 drop_after: int | None = None, block_sizes: tuple[int, int, int] | None = None,
+                 cut_read_payload: bool = False) -> None:
         self.data = bytearray(size)
+        self.cut_read_payload = cut_read_payload  # a read's reply stops halfway, and the connection with it
         self.export = export
         self.flags = flags if flags is not None else (
             nbd_mod.FLAG_HAS_FLAGS | nbd_mod.FLAG_SEND_FLUSH | nbd_mod.FLAG_SEND_TRIM
@@ -642,6 +644,10 @@ class FakeNbdServer:
             elif command in (nbd_mod.CMD_TRIM, nbd_mod.CMD_WRITE_ZEROES):
                 self.data[offset : offset + length] = bytes(length)
         if not writer.is_closing():
+            if self.cut_read_payload and command == nbd_mod.CMD_READ:
+                writer.write(struct.pack(">IIQ", nbd_mod.SIMPLE_REPLY_MAGIC, error, cookie) + body[: length // 2])
+                writer.close()
+                return
             writer.write(struct.pack(">IIQ", nbd_mod.SIMPLE_REPLY_MAGIC, error, cookie) + body)
 
 
@@ -711,6 +717,19 @@ async def test_nbd_connection_loss_fails_everything_pending():
             assert all(isinstance(r, BackendIOError) for r in results[2:]), results
             with pytest.raises(BackendIOError, match="down"):
                 await backend.readv(0, [memoryview(bytearray(512))])
+        finally:
+            await backend.close()
+
+
+async def test_nbd_connection_lost_mid_payload_fails_that_read():
+    # Found by the nbd_client fuzz target: a read whose reply header had
+    # arrived was no longer pending, so losing the connection during its
+    # payload left its caller waiting forever.
+    async with fake_server(cut_read_payload=True) as (server, url):
+        backend = await NbdBackend.connect(url)
+        try:
+            with pytest.raises(BackendIOError, match="lost"):
+                await asyncio.wait_for(backend.readv(0, [memoryview(bytearray(4096))]), 5)
         finally:
             await backend.close()
 
