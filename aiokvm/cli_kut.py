@@ -77,7 +77,8 @@ async def run_suite(args) -> int:
     regressions = failures = 0
     with environment_file(environment(suite)) as env:
         for test in tests:
-            p = plan(test, suite, max_vcpus=max(max_vcpus, 8))
+            named = any(test.name == pattern for pattern in args.tests)
+            p = plan(test, suite, max_vcpus=max_vcpus, named=named)
             ours = await run_aiokvm(p, env, logs / f"{test.name}.aiokvm.log")
             theirs = await run_qemu(p, env, logs / f"{test.name}.qemu.log", args.qemu) if args.compare_qemu else None
             print(_line(test.name, ours, theirs), flush=True)
