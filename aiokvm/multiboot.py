@@ -58,7 +58,9 @@ ADDRESSES = struct.Struct("<IIIII")  # header_addr, load_addr, load_end_addr, bs
 INFO = struct.Struct("<IIIIIII16xII12xI")  # flags mem_lower mem_upper boot_device cmdline mods_count mods_addr
 #                                             (syms) mmap_length mmap_addr (drives, config) boot_loader_name
 INFO_SIZE = 88  # with the APM and VBE fields, left zero
-INFO_MEMORY, INFO_CMDLINE, INFO_MODS, INFO_MMAP, INFO_LOADER_NAME = 1 << 0, 1 << 2, 1 << 3, 1 << 6, 1 << 9
+INFO_MEMORY, INFO_BOOT_DEVICE, INFO_CMDLINE, INFO_MODS = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+INFO_MMAP, INFO_LOADER_NAME = 1 << 6, 1 << 9
+BOOT_DEVICE = 0x8000FFFF  # "BIOS disk 0x80, no partition": what QEMU writes
 MODULE = struct.Struct("<IIII")  # mod_start, mod_end, string, reserved
 MMAP_ENTRY = struct.Struct("<IQQI")  # size (20: the bytes after this field), base, length, type
 
@@ -173,9 +175,9 @@ def write_multiboot_info(memory: GuestMemory, cmdline: str, modules=(), image_en
         for i, (start, size, kind) in enumerate(memmap):
             memory.write(MMAP_ADDR + i * MMAP_ENTRY.size, MMAP_ENTRY.pack(MMAP_ENTRY.size - 4, start, size, kind))
         memory.write(LOADER_NAME_ADDR, LOADER_NAME)
-        flags = INFO_MEMORY | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_LOADER_NAME
+        flags = INFO_MEMORY | INFO_BOOT_DEVICE | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_LOADER_NAME
         info = bytearray(INFO_SIZE)
-        INFO.pack_into(info, 0, flags, lower, upper, 0, CMDLINE_ADDR, len(placed),
+        INFO.pack_into(info, 0, flags, lower, upper, BOOT_DEVICE, CMDLINE_ADDR, len(placed),
                        MODS_ADDR, len(memmap) * MMAP_ENTRY.size, MMAP_ADDR, LOADER_NAME_ADDR)
         memory.write(INFO_ADDR, bytes(info))
     except GuestMemoryError:  # pragma: no cover - memory is at least 2 MiB

@@ -4,7 +4,8 @@ KVM reports what it can virtualize on this host (``KVM_GET_SUPPORTED_CPUID``);
 a model is a view of that.  ``host`` and ``max`` give all of it (under KVM,
 QEMU's ``max`` is ``host``).  ``qemu64`` and ``kvm64`` give QEMU's fixed
 feature sets (QEMU 7.2 ``target/i386/cpu.c``) with the KVM defaults QEMU
-adds (x2apic on, the hypervisor bit), their vendor, family and brand string.
+adds (x2apic on, the hypervisor bit), their family and brand string, and,
+as QEMU does under KVM, the host's vendor.
 ``+feat`` adds a feature, ``-feat`` removes one; as QEMU does without
 ``enforce``, a feature the host cannot give is dropped with a warning, never
 faked.  ``vendor=`` sets the vendor string; ``phys-bits``/``host-phys-bits``
@@ -70,11 +71,13 @@ class Model:
 MODELS = {
     "host": Model("host", None, None, None),
     "max": Model("max", None, None, None),
-    "qemu64": Model("qemu64", "AuthenticAMD", (15, 107, 1),
+    # Under KVM QEMU gives every named model the host's vendor (so that SYSCALL and
+    # SYSENTER behave as the host CPU runs them); vendor= overrides it.
+    "qemu64": Model("qemu64", None, (15, 107, 1),
                     (*_PPRO, "mtrr", "clflush", "mca", "pse36", "pni", "cx16", "lm", "syscall", "nx", "lahf-lm",
                      *_KVM_DEFAULTS),
                     level=0xD, xlevel=0x8000000A, brand="QEMU Virtual CPU version 2.5+"),
-    "kvm64": Model("kvm64", "GenuineIntel", (15, 6, 1),
+    "kvm64": Model("kvm64", None, (15, 6, 1),
                    (*_PPRO, "mtrr", "clflush", "mca", "pse36", "pni", "cx16", "lm", "syscall", "nx",
                     *_KVM_DEFAULTS),
                    level=0xD, xlevel=0x80000008, brand="Common KVM processor"),
