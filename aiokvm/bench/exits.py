@@ -599,6 +599,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pair-s", type=float, default=1.0,
                         help="rerun the C baseline before a row when its last run is older than this (seconds)")
     parser.add_argument("--only", help="comma-separated paths or labels to run (c always runs, for the ratios)")
+    parser.add_argument("--kut", metavar="DIR", default=os.environ.get("AIOKVM_KUT_DIR"),
+                        help="a built kvm-unit-tests tree: add its vmexit figures under aiokvm and QEMU microvm "
+                             "(default: $AIOKVM_KUT_DIR)")
     parser.add_argument("--crossover", action="store_true",
                         help="also sweep exitloop work= under KVM and Unicorn: where KVM overtakes emulation")
     add_output_options(parser)
@@ -659,6 +662,15 @@ def main(argv: list[str] | None = None) -> None:
         with Steps(len(CROSSOVER_WORK) * 2, "crossover") as steps:
             cross = crossover(tsc_hz, cpls[-1], steps=steps)
         print_crossover(cross)
+    kut = None
+    if args.kut:
+        from .kut_vmexit import measure as measure_vmexit
+        from .kut_vmexit import print_vmexit
+
+        kut_repeat = 1 if args.quick else 3
+        with Steps(kut_repeat * 4, "vmexit") as steps:
+            kut = measure_vmexit(Path(args.kut), repeat=kut_repeat, steps=steps)
+        print_vmexit(kut, tsc_hz)
     checks = self_checks(rows)
     for check in checks:
         verdict = {None: "-", True: "within", False: "OUTSIDE"}[check["within_band"]]
@@ -669,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json_path, "w") as fh:
             json.dump({"benchmark": "exits", "guest": "exitloop", "n": n, "repeat": repeat,
                        "machine": info, "bars": found, "self_checks": checks, "rows": rows,
-                       "crossover": cross}, fh, indent=2)
+                       "crossover": cross, "kut_vmexit": kut}, fh, indent=2)
     if args.plot:
         by_benchmark("exits", rows, args.plot)
 
