@@ -48,10 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
 
     run = sub.add_parser("run", help="boot a guest and run it until it exits")
-    run.add_argument("guest", help="path to a PVH ELF guest, or a bundled guest name (see `aiokvm info`)")
+    run.add_argument("guest", help="path to a guest (a PVH ELF or a Multiboot image, such as kvm-unit-tests' "
+                                   ".flat files), or a bundled guest name (see `aiokvm info`)")
     run.add_argument("--memory", "-m", default="64M", help="guest RAM, e.g. 64M or 1G (default 64M)")
     run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--cmdline", default="", help="guest command line")
+    run.add_argument("--initrd", action="append", default=[], metavar="FILE[ ARGS]",
+                     help="a boot module (repeatable): Multiboot modules, or PVH's module list; the whole text "
+                          "is the module's string, as QEMU's -initrd")
+    run.add_argument("--cpu", metavar="MODEL[,+feat][,-feat]",
+                     help="CPU model as QEMU's -cpu: host, max, qemu64 or kvm64, with +feat/-feat and vendor= "
+                          "(default: everything KVM supports)")
+    run.add_argument("--testdev", action="store_true",
+                     help="attach QEMU's pc-testdev (ports 0xe0, 0xe4, 0x2000+n; MMIO at 0xff000000), "
+                          "as kvm-unit-tests expect")
+    run.add_argument("--no-pit", action="store_true", help="no in-kernel PIT (QEMU's -machine pit=off)")
     run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,format=raw|nbd][,if=virtio|ata]",
                      help="attach a disk (repeatable); nbd takes nbd+unix:///EXPORT?socket=PATH or "
                           "nbd://127.0.0.1:PORT/EXPORT")
@@ -189,7 +200,7 @@ async def _run(all_args: list) -> int:
     """Run one machine, or several joined by ``+`` on one event loop (and its switches)."""
     from contextlib import AsyncExitStack
 
-    from . import boot, guests
+    from . import boot, guests, loader
     from .devices.backends.spec import open_backend, parse_disk_spec
     from .handoff import DEFAULT_HANDOFF
     from .machine import Machine
@@ -209,7 +220,8 @@ async def _run(all_args: list) -> int:
             raise ConfigError(f"two machines are named {name!r}; give each its own --name")
         names.add(name)
         vm = Machine(memory=args.memory, vcpus=args.vcpus, handoff=args.handoff or DEFAULT_HANDOFF, accel=args.accel,
-                     serial_output=_Prefixed(name, out) if several else out, name=name)
+                     serial_output=_Prefixed(name, out) if several else out, name=name, cpu=args.cpu,
+                     pit=not args.no_pit)
         disks = [parse_disk_spec(disk) for disk in args.disk]
         if sum(spec.interface == "ata" for spec in disks) > 1:
             raise ConfigError("only one ATA disk (the primary master) is supported; make the others if=virtio")
@@ -217,7 +229,9 @@ async def _run(all_args: list) -> int:
         if args.stats_json:
             _check_writable(args.stats_json)
         guest = guests.resolve(args.guest)
-        boot.read_elf(guest)  # vm.load reads it again; this is only the check
+        loader.read_guest(guest)  # vm.load reads it again; this is only the check
+        for module in args.initrd:
+            boot.read_module(module)
         plans.append((args, vm, disks, nets, guest))
     switch_options = _switch_options(all_args)
     for _, _, _, nets, _ in plans:
@@ -247,7 +261,9 @@ async def _run(all_args: list) -> int:
                     continue
                 vm.add_nic(switches[net.switch], net.mac, port=net.port, vlan=net.vlan, mtu=net.mtu,
                            mac_filter=net.mac_filter, ioeventfd=not args.no_ioeventfd)
-            vm.load(guest, cmdline=args.cmdline)
+            if args.testdev:
+                vm.add_pc_testdev()
+            vm.load(guest, cmdline=args.cmdline, modules=args.initrd)
         try:
             statuses = await asyncio.gather(*(vm.run(timeout=args.timeout) for args, vm, *_ in plans))
         finally:

@@ -106,7 +106,9 @@ void guest_main(u32 magic, u32 *mbi) {
     putc('\n');
     cpuid(1, r);
     put("x2apic", (r[2] >> 21) & 1);
-    outl(0xf4, 0x21);
+#ifndef HANG
+    outl(0xf4, EXIT_CODE);
+#endif
 }
 """
 
@@ -124,16 +126,20 @@ SECTIONS
 """
 
 
-def build_multiboot_guest(directory: Path) -> Path:
-    """Compile and link the guest into ``directory``; skips the test without gcc or binutils."""
+def build_multiboot_guest(directory: Path, *, exit_code: int = EXIT_CODE, hang: bool = False) -> Path:
+    """Compile and link the guest into ``directory``; skips the test without gcc or binutils.
+
+    ``exit_code``: what it writes to isa-debug-exit; ``hang``: it halts
+    forever instead (a test that times out)."""
     for tool in ("gcc", "as", "ld"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     (directory / "entry.S").write_text(ENTRY)
     (directory / "main.c").write_text(MAIN)
     (directory / "link.ld").write_text(LINK_SCRIPT)
-    elf = directory / "mbguest.elf"
-    flags = ["-m32", "-ffreestanding", "-fno-pic", "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
+    elf = directory / ("mbguest-hang.elf" if hang else f"mbguest-{exit_code}.elf")
+    flags = [f"-DEXIT_CODE={exit_code}", *(["-DHANG"] if hang else []), "-m32", "-ffreestanding", "-fno-pic",
+             "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
              "-mno-sse", "-mno-mmx", "-O2", "-c"]
     subprocess.run(["gcc", *flags, "-o", str(directory / "entry.o"), str(directory / "entry.S")],
                    check=True, capture_output=True)

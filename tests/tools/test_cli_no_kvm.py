@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -56,6 +57,8 @@ def files(tmp_path):
     (tmp_path / "ok.img").write_bytes(bytes(64 << 10))
     (tmp_path / "dir.elf").mkdir()
     os.mkfifo(tmp_path / "fifo.img")
+    flags = 1 << 3  # a required feature no loader knows
+    (tmp_path / "mb-bad.img").write_bytes(struct.pack("<III", 0x1BADB002, flags, -(0x1BADB002 + flags) & 0xFFFFFFFF))
     return tmp_path
 
 
@@ -99,6 +102,12 @@ def files(tmp_path):
     (("hello", "--vcpus", "0"), "vcpus must be a positive integer"),
     (("hello", "--vcpus", "two"), "invalid int value"),
     (("hello", "--handoff", "pigeon"), "unknown handoff 'pigeon'"),
+    # Multiboot images, boot modules, CPU models
+    (("{tmp}/mb-bad.img",), "requires features 0x8"),
+    (("hello", "--initrd", "/nonexistent/env"), "no such boot module"),
+    (("hello", "--initrd", "{tmp}/dir.elf"), "is a directory, not a boot module"),
+    (("hello", "--cpu", "pentium9"), "unknown CPU model 'pentium9'"),
+    (("hello", "--cpu", "qemu64,+warp-drive"), "unknown CPU feature 'warp-drive'"),
 ])
 def test_bad_input_is_named_without_kvm(files, args, fragment):
     line = error_line(aiokvm_without_kvm("run", *(a.format(tmp=files) for a in args)))
@@ -112,3 +121,8 @@ def test_good_input_without_kvm_names_kvm(files, disks):
     disk_args = [arg for disk in disks for arg in ("--disk", disk.format(tmp=files))]
     line = error_line(aiokvm_without_kvm("run", "hello", *disk_args))
     assert "opening /dev/kvm failed: No such file or directory" in line
+
+
+def test_kut_without_a_suite_is_one_line(tmp_path):
+    line = error_line(aiokvm_without_kvm("kut", str(tmp_path)))
+    assert "x86/unittests.cfg not found" in line and "./configure && make" in line
