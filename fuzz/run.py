@@ -48,6 +48,8 @@ def child(target: str, argv: list[str]) -> None:
         import aiokvm.devices.virtio.mmio  # noqa: F401
         import aiokvm.devices.virtio.net  # noqa: F401
         import aiokvm.devices.virtio.queue  # noqa: F401
+        import aiokvm.loader  # noqa: F401
+        import aiokvm.multiboot  # noqa: F401
         import aiokvm.net.bridge  # noqa: F401
         import aiokvm.net.ports.stream  # noqa: F401
         import aiokvm.net.ports.vxlan  # noqa: F401
@@ -68,7 +70,15 @@ def campaign(target: str, seconds: int) -> dict:
         from aiokvm import guests  # a real guest is the seed: the fuzzer mutates from there
 
         (corpus / "seed-hello").write_bytes(guests.path("hello").read_bytes())
-    max_len = 65536 if target == "elf" else 16384
+    if target == "multiboot" and not any(corpus.iterdir()):
+        # A Multiboot image of each kind is the seed: an ELF32 and an a.out-kludge one.
+        sys.path.insert(0, str(HERE.parent))
+        from tests.unit.test_multiboot import mb_elf, mb_header
+
+        (corpus / "seed-elf").write_bytes(mb_elf(memsz=0x2000))
+        (corpus / "seed-aout").write_bytes(mb_header(1 << 16, addresses=(0x200000, 0x200000, 0x200100, 0x201000,
+                                                                       0x200020)) + bytes(0xEC))
+    max_len = 65536 if target in ("elf", "multiboot") else 16384
     args = [sys.executable, str(Path(__file__)), "--child", target, "--", str(corpus),
             f"-max_total_time={seconds}", "-timeout=5", "-rss_limit_mb=2048", f"-max_len={max_len}",
             f"-artifact_prefix={crashes}/", "-print_final_stats=1"]

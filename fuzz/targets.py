@@ -268,6 +268,37 @@ def elf(data: bytes) -> None:
     assert image.entry32 is not None
 
 
+_MB_MEMORY = None
+
+
+def multiboot(data: bytes) -> None:
+    """An arbitrary file offered as a Multiboot kernel (the first 8 KiB searched
+    for a header), loaded with a module into 8 MiB of RAM: a one-line
+    ``ConfigError`` or a load that stays inside RAM, nothing else."""
+    global _MB_MEMORY
+    from aiokvm import boot, loader
+    from aiokvm import multiboot as mb
+    from aiokvm.memory import GuestMemory
+
+    if _MB_MEMORY is None:
+        _MB_MEMORY = GuestMemory(8 << 20)  # one mapping for the campaign: loads overwrite what they need
+    try:
+        image = loader.parse_guest(data, "<fuzz>")
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+        return
+    module = boot.BootModule(data[:64], "module args", "<fuzz-module>")
+    try:
+        entry = loader.load_guest(image, _MB_MEMORY, "cmdline", [module])
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert _MB_MEMORY.contains(entry.entry32)
+    if entry.protocol == "multiboot":
+        info = mb.parse_multiboot_info(_MB_MEMORY)
+        assert info["cmdline"] == "<fuzz> cmdline" and len(info["modules"]) == 1
+
+
 def serial(data: bytes) -> None:
     """Register sequences on the 16550 UART, with input piling up (its FIFO is capped)."""
     from aiokvm.devices.serial import Uart16550
@@ -680,7 +711,7 @@ def _check_nbd_requests(nbd, sent: bytes, size: int, max_payload: int) -> int:
     return count
 
 
-TARGETS = {f.__name__: f for f in (virtqueue, mmio_net, bridge, stream, vde_request, vxlan, elf, serial,
+TARGETS = {f.__name__: f for f in (virtqueue, mmio_net, bridge, stream, vde_request, vxlan, elf, multiboot, serial,
                                             virtio_blk, mmio_blk, ata, nbd_client)}
 
 
