@@ -69,8 +69,9 @@ class Machine:
 
     Configuration (memory, vCPUs, handoff) is checked here, before anything
     is opened; ``open()`` (or ``async with``) creates the board and the
-    default devices: COM1 (``serial0``, inline), isa-debug-exit at 0xf4 and
-    fw_cfg at 0x510 (as QEMU microvm has them).  ``cpu``: a CPU model as
+    default devices: COM1 (``serial0``, inline) and isa-debug-exit at 0xf4;
+    ``load()`` adds fw_cfg at 0x510 (as QEMU microvm has it) unless a device
+    of the application's already claims those ports.  ``cpu``: a CPU model as
     QEMU's ``-cpu`` (``cpu/models.py``; default: all that KVM supports, as it
     reports it).  ``pit=False``: no in-kernel PIT (QEMU's ``pit=off``).
     """
@@ -202,9 +203,6 @@ class Machine:
         self.debug_exit = DebugExit(self._on_debug_exit)
         self.add_device(self.debug_exit, pio=(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE), mode=HandlerMode.INLINE,
                         name="debug-exit")
-        # QEMU microvm always has fw_cfg: kvm-unit-tests read the vCPU count there.
-        self.fw_cfg = FwCfg(cpus=self.vcpu_count, ram_size=self.memory_size)
-        self.add_device(self.fw_cfg, pio=(FW_CFG_PORT, FW_CFG_PORT_SIZE), mode=HandlerMode.INLINE, name="fw_cfg")
         if self._serial_input is not None:
             self.console.attach_source(self._serial_input)
 
@@ -385,6 +383,15 @@ class Machine:
         switch.add_nic(device, port=port or self.name, vlan=vlan)
         return device
 
+    def _attach_fw_cfg(self) -> None:
+        """QEMU microvm always has fw_cfg (kvm-unit-tests read the vCPU count
+        there), so every loaded machine gets it -- unless the application put
+        a device of its own on those ports first: its device wins."""
+        if self.fw_cfg is not None or any(self.bus.find_pio(port, 1) for port in (FW_CFG_PORT, FW_CFG_PORT + 1)):
+            return
+        self.fw_cfg = FwCfg(cpus=self.vcpu_count, ram_size=self.memory_size)
+        self.add_device(self.fw_cfg, pio=(FW_CFG_PORT, FW_CFG_PORT_SIZE), mode=HandlerMode.INLINE, name="fw_cfg")
+
     def add_pc_testdev(self):
         """Attach QEMU's pc-testdev (``devices/pc_testdev.py``), as kvm-unit-tests'
         runner does: scratch ports at 0xe0, the page-flush port 0xe4, IRQ
@@ -454,6 +461,7 @@ class Machine:
                 cmdline = f"{cmdline} cpus={self.vcpu_count}".strip()
             # What QEMU's auto-kernel-cmdline adds for each virtio-mmio device.
             cmdline = " ".join([cmdline, *self.board.virtio_slots.cmdline_entries()]).strip()
+        self._attach_fw_cfg()
         entry = loader.load_guest(image, self.memory, cmdline, boot_modules)
         self.board.boot_entry(entry.entry32, entry.ebx, entry.eax)  # the board knows how its vCPU starts
         self.devices.freeze_virtio("load()")

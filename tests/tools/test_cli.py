@@ -120,7 +120,8 @@ def test_stats_show_every_devices_own_counters(tmp_path):
     assert proc.returncode == 0, proc.stderr
     devices = json.loads(out.read_text())["devices"]
     assert {name: d["kind"] for name, d in devices.items()} == {
-        "serial0": "serial", "debug-exit": "debug-exit", "virtio7": "virtio-blk", "ata0": "ata"}
+        "serial0": "serial", "debug-exit": "debug-exit", "virtio7": "virtio-blk", "ata0": "ata", "fw_cfg": "fw_cfg"}
+    assert devices["fw_cfg"]["counters"]["selects"] == 0  # there, as on microvm; the guest kit never asks
     blk, serial = devices["virtio7"], devices["serial0"]["counters"]
     # disktest writes 16 sectors, flushes, reads them back, then reads the whole 128-sector disk
     assert blk["counters"]["bytes_written"] == 16 * 512
