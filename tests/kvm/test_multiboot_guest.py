@@ -70,3 +70,21 @@ async def test_multiboot_guest_reports_the_same_under_qemu_microvm(guest, cpu):
     theirs = parse_report(qemu.stdout)
     assert status.code == EXIT_CODE
     assert ours == theirs and ours["flags"] == "591"
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_fw_cfg_is_there_after_load_unless_the_application_holds_its_ports():
+    class Mine:
+        def read(self, offset, size):
+            return 0
+
+        def write(self, offset, size, value):
+            pass
+
+    async with Machine(memory="16M") as vm:
+        vm.load("hello")
+        assert vm.devices.get("fw_cfg") is vm.fw_cfg is not None
+    async with Machine(memory="16M") as vm:
+        vm.add_device(Mine(), pio=(0x510, 4), name="mine")
+        vm.load("hello")
+        assert vm.fw_cfg is None and vm.devices.get("fw_cfg") is None
