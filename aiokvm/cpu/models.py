@@ -46,7 +46,14 @@ _table(7, 0, EBX, {0: "fsgsbase", 1: "tsc-adjust", 3: "bmi1", 4: "hle", 5: "avx2
 _table(7, 0, ECX, {2: "umip", 3: "pku", 16: "la57", 22: "rdpid"})
 _table(7, 0, EDX, {26: "spec-ctrl", 29: "arch-capabilities"})
 _table(0x80000001, 0, EDX, {11: "syscall", 20: "nx", 26: "pdpe1gb", 27: "rdtscp", 29: "lm"})
-_table(0x80000001, 0, ECX, {0: "lahf-lm", 2: "svm", 5: "abm", 6: "sse4a", 8: "3dnowprefetch"})
+_table(0x80000001, 0, ECX, {0: "lahf-lm", 1: "cmp-legacy", 2: "svm", 3: "extapic", 4: "cr8legacy", 5: "abm",
+                            6: "sse4a", 7: "misalignsse", 8: "3dnowprefetch", 9: "osvw", 10: "ibs", 11: "xop",
+                            12: "skinit", 13: "wdt", 15: "lwp", 16: "fma4", 17: "tce", 19: "nodeid-msr", 21: "tbm",
+                            22: "topoext", 23: "perfctr-core", 24: "perfctr-nb"})
+# SVM's own features (QEMU names them like CPU features: -cpu max,+svm,-npt).
+_table(0x8000000A, 0, EDX, {0: "npt", 1: "lbrv", 2: "svm-lock", 3: "nrip-save", 4: "tsc-scale", 5: "vmcb-clean",
+                            6: "flushbyasid", 7: "decodeassists", 10: "pause-filter", 12: "pfthreshold",
+                            13: "avic", 15: "v-vmsave-vmload", 16: "vgif"})
 ALIASES = {"sse3": "pni", "sse4_1": "sse4.1", "sse4_2": "sse4.2", "lahf_lm": "lahf-lm", "tsc_deadline": "tsc-deadline",
            "tsc_adjust": "tsc-adjust", "sha_ni": "sha-ni", "i64": "lm", "xd": "nx"}
 
@@ -101,7 +108,8 @@ def _feature(name: str, spec: str) -> str:
     if name not in FEATURES:
         name = name.replace("_", "-")
     if name not in FEATURES:
-        raise ConfigError(f"--cpu {spec}: unknown CPU feature {name!r}; known: {', '.join(sorted(FEATURES))}")
+        raise ConfigError(f"--cpu {spec}: unknown CPU feature {name!r}; aiokvm knows these: "
+                          f"{', '.join(sorted(FEATURES))}")
     return name
 
 

@@ -159,7 +159,7 @@ def plan(test: KutTest, suite: Path, *, max_vcpus: int, host_arch: str = "x86_64
         try:
             parse_cpu(result.cpu)
         except ConfigError as exc:
-            skip = f"-cpu {result.cpu}: {exc}"
+            skip = str(exc).split(";")[0]  # the reason, without the list of what is known
     if "nodefault" in test.groups and not named:
         skip = skip or "test marked as manual run only"
     if test.arch and test.arch != host_arch:
@@ -197,10 +197,10 @@ def _translate(args: list[str], result: Plan) -> str | None:
         if opt == "-cpu":
             result.cpu = value
         elif opt == "-m":
-            match = re.fullmatch(r"(\d+)([MG]?)", value.split(",")[0])
+            match = re.fullmatch(r"(\d+)([MGT]?)", value.split(",")[0].removeprefix("size=").upper())
             if match is None:
                 return f"-m {value} is not a size aiokvm reads"
-            result.memory_mb = int(match.group(1)) * (1024 if match.group(2) == "G" else 1)
+            result.memory_mb = int(match.group(1)) * {"": 1, "M": 1, "G": 1024, "T": 1 << 20}[match.group(2)]
         elif opt == "-smp":
             result.vcpus = int(value.split(",")[0].removeprefix("cpus="))
         elif opt == "-append":
