@@ -60,6 +60,11 @@ async def test_qemu_joins_over_stream_to_our_unix_server(tmp_path):
         sw.capture("qemu", tmp_path / "qemu.pcap")
         qemu = qemu_netecho(f"stream,server=off,addr.type=unix,addr.path={path}", 100)
         out, echo = await ping_qemu(sw, qemu, 100)
+        # QEMU has exited; its connection's end reaches the loop in a callback of its own
+        # (CI once read the FDB a moment before it under the asyncio loop).
+        async with asyncio.timeout(10):
+            while port.link_up:
+                await asyncio.sleep(0.01)
         counters = sw.counters()["ports"]["qemu"]
         fdb = {row.mac: row.port for row in sw.fdb() if row.kind == "learned"}
     assert "ping: 100/100 replies" in out
