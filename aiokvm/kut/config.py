@@ -56,7 +56,8 @@ class Plan:
     cmdline: str
     timeout: float
     pit: bool = True
-    skip: str | None = None  # a reason not to run it here
+    skip: str | None = None  # a reason not to run it at all (the suite's own: arch, check, nodefault...)
+    unsupported: str | None = None  # a reason aiokvm cannot run it (QEMU still may, under --compare-qemu)
     qemu_args: list[str] = field(default_factory=list)  # the options as QEMU takes them (for --compare-qemu)
 
 
@@ -152,24 +153,28 @@ def plan(test: KutTest, suite: Path, *, max_vcpus: int, host_arch: str = "x86_64
                   timeout)
     args = _words(test.params)
     result.qemu_args = args
-    skip = _translate(args, result)
-    if skip is None:
+    unsupported = _translate(args, result)
+    if unsupported is None:
         from ..cpu.models import parse_cpu
 
         try:
             parse_cpu(result.cpu)
         except ConfigError as exc:
-            skip = str(exc).split(";")[0]  # the reason, without the list of what is known
+            unsupported = str(exc).split(";")[0]  # the reason, without the list of what is known
+    result.unsupported = unsupported
+    skip = None
     if "nodefault" in test.groups and not named:
-        skip = skip or "test marked as manual run only"
-    if test.arch and test.arch != host_arch:
-        skip = skip or f"{test.arch} only"
-    if test.accel and test.accel != "kvm":
-        skip = skip or f"{test.accel} only"
-    if test.machine and test.machine not in ("microvm",):
-        skip = skip or f"{test.machine} only (aiokvm is a microvm)"
-    if test.disabled_if:
-        skip = skip or f"disabled if {test.disabled_if}"
+        skip = "test marked as manual run only"
+    elif test.arch and test.arch != host_arch:
+        skip = f"{test.arch} only"
+    elif test.accel and test.accel != "kvm":
+        skip = f"{test.accel} only"
+    elif test.machine and test.machine != "microvm":
+        skip = f"{test.machine} only"
+    elif test.disabled_if:
+        skip = f"disabled if {test.disabled_if}"
+    elif not kernel.is_file():
+        skip = f"test file {kernel} not found"
     for condition in test.check:
         path, _, want = condition.partition("=")
         try:
@@ -178,8 +183,6 @@ def plan(test: KutTest, suite: Path, *, max_vcpus: int, host_arch: str = "x86_64
             have = None
         if have != want:
             skip = skip or f"{path} not equal to {want}"
-    if not kernel.is_file():
-        skip = skip or f"test file {kernel} not found"
     result.skip = skip
     return result
 
