@@ -37,3 +37,15 @@ def test_the_tests_that_pass_under_qemu_microvm_pass_under_aiokvm(tmp_path):
     for name in PASSING_UNDER_QEMU:
         assert results[name]["qemu"]["status"] == "PASS", (name, results[name])
         assert results[name]["aiokvm"]["status"] == "PASS", (name, results[name])
+
+
+def test_the_suites_own_runner_drives_aiokvm_through_the_qemu_shim():
+    shim = Path(sys.executable).with_name("aiokvm-qemu")
+    if not shim.exists():
+        pytest.skip("aiokvm-qemu is not installed beside this Python (pip install the project)")
+    proc = subprocess.run(["./run_tests.sh", *PASSING_UNDER_QEMU], cwd=SUITE, capture_output=True, text=True,
+                          timeout=1800, env={**os.environ, "QEMU": str(shim)}, stdin=subprocess.DEVNULL)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in PASSING_UNDER_QEMU:
+        assert f"PASS\x1b[0m {name} " in proc.stdout, name

@@ -94,3 +94,37 @@ def test_compare_qemu_agrees_on_every_status(suite, tmp_path):
         assert result["aiokvm"]["status"] == result["qemu"]["status"], result
         assert result["aiokvm"]["exit_status"] == result["qemu"]["exit_status"], result
     assert "0 differ from QEMU microvm" in proc.stdout
+
+
+def shim(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aiokvm.kut.shim", *args], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
+X86_RUN = ["--no-reboot", "-nodefaults", "-global", "kvm-pit.lost_tick_policy=discard", "-device", "pc-testdev",
+           "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4", "-display", "none", "-serial", "stdio",
+           "-machine", "accel=kvm", "-kernel"]  # what x86/run puts before the kernel
+
+
+def test_the_qemu_shim_answers_the_suites_probes():
+    version = shim("-h").stdout.splitlines()[0]
+    # scripts/arch-run.bash: IFS='[ .]' read -r _ _ _ QEMU_MAJOR QEMU_MINOR QEMU_MICRO
+    assert version.startswith("QEMU emulator version 7.2.0 ")
+    assert '"pc-testdev"' in shim("-device", "?").stdout and "pci-testdev" not in shim("-device", "?").stdout
+
+
+def test_the_qemu_shim_runs_x86_runs_command_with_qemus_statuses(suite, tmp_path):
+    env = tmp_path / "env"
+    env.write_text("NR_CPUS=2\n")
+    x86 = suite / "x86"
+    passed = shim(*X86_RUN, str(x86 / "pass.flat"), "-smp", "2", "-cpu", "qemu64,-x2apic", "-append", "a b",
+                  "-initrd", str(env))
+    assert passed.returncode == 1, passed.stderr  # QEMU's (0 << 1) | 1
+    assert "fw_cfg_nb_cpus=2\n" in passed.stdout and "x2apic=0\n" in passed.stdout
+    assert f"cmdline={x86}/pass.flat a b\n" in passed.stdout and "mod0=NR_CPUS=2;" in passed.stdout
+    assert shim(*X86_RUN, str(x86 / "fail.flat")).returncode == 3
+    assert shim(*X86_RUN, str(x86 / "skip.flat")).returncode == 77
+    unsupported = shim(*X86_RUN, str(x86 / "pass.flat"), "-device", "edu")
+    assert unsupported.returncode == 77 and "SKIP: needs -device edu" in unsupported.stderr
+    missing = shim(*X86_RUN, "_NO_FILE_4Uhere_", "-smp", "2")
+    assert missing.returncode == 1 and "could not load kernel '_NO_FILE_4Uhere_'" in missing.stderr
