@@ -102,7 +102,8 @@ class ElfImage:
         return (min(s.paddr for s in self.segments), max(s.paddr + s.memsz for s in self.segments))
 
 
-def _bad(path: str, why: str) -> ConfigError:
+def image_error(path: str, why: str) -> ConfigError:
+    """The one-line error for a malformed guest image."""
     return ConfigError(f"{path}: {why}")
 
 
@@ -120,30 +121,30 @@ def parse_elf_file(data: bytes, path: str = "<image>") -> ElfFile:
     """Validate an ELF64 x86-64 or ELF32 i386 executable and list its PT_LOAD
     segments (and the PVH entry note, if any).  Raises ``ConfigError`` only."""
     if len(data) < 4 or data[:4] != ELF_MAGIC:
-        raise _bad(path, "not an ELF file (bad magic); give an ELF64 x86-64 or ELF32 i386 PVH guest, "
+        raise image_error(path, "not an ELF file (bad magic); give an ELF64 x86-64 or ELF32 i386 PVH guest, "
                          "or a Multiboot image")
     if len(data) < EI_NIDENT:
-        raise _bad(path, "truncated ELF header")
+        raise image_error(path, "truncated ELF header")
     layout = ELF_LAYOUTS.get(data[4])
     if layout is None:
-        raise _bad(path, f"ELF class {data[4]} is neither 32-bit (1) nor 64-bit (2)")
+        raise image_error(path, f"ELF class {data[4]} is neither 32-bit (1) nor 64-bit (2)")
     if data[5] != ELFDATA2LSB:
-        raise _bad(path, "not a little-endian ELF")
+        raise image_error(path, "not a little-endian ELF")
     if len(data) < layout.ehdr.size:
-        raise _bad(path, "truncated ELF header")
+        raise image_error(path, "truncated ELF header")
     (_ident, e_type, e_machine, _version, e_entry, e_phoff, _shoff, _flags, _ehsize,
      e_phentsize, e_phnum, *_rest) = layout.ehdr.unpack_from(data, 0)
     if e_machine != layout.machine:
-        raise _bad(path, f"{layout.bits}-bit ELF machine {e_machine} is not {layout.machine_name} "
+        raise image_error(path, f"{layout.bits}-bit ELF machine {e_machine} is not {layout.machine_name} "
                          f"({layout.machine})")
     if e_type != ET_EXEC:
-        raise _bad(path, f"ELF type {e_type} is not an executable (ET_EXEC); link it statically")
+        raise image_error(path, f"ELF type {e_type} is not an executable (ET_EXEC); link it statically")
     if e_phnum == 0:
-        raise _bad(path, "ELF has no program headers")
+        raise image_error(path, "ELF has no program headers")
     if e_phentsize != layout.phdr.size:
-        raise _bad(path, f"ELF program header size {e_phentsize} is not {layout.phdr.size}")
+        raise image_error(path, f"ELF program header size {e_phentsize} is not {layout.phdr.size}")
     if e_phoff + e_phnum * layout.phdr.size > len(data):
-        raise _bad(path, "truncated: program headers run past the end of the file")
+        raise image_error(path, "truncated: program headers run past the end of the file")
 
     segments: list[Segment] = []
     entry32: int | None = None
@@ -154,23 +155,23 @@ def parse_elf_file(data: bytes, path: str = "<image>") -> ElfFile:
         p_filesz, p_memsz = fields[filesz_at], fields[memsz_at]
         if p_type == PT_LOAD:
             if p_filesz > p_memsz:
-                raise _bad(path, f"segment {i}: file size {p_filesz:#x} exceeds memory size {p_memsz:#x}")
+                raise image_error(path, f"segment {i}: file size {p_filesz:#x} exceeds memory size {p_memsz:#x}")
             if p_offset + p_filesz > len(data):
-                raise _bad(path, f"truncated: segment {i} runs past the end of the file")
+                raise image_error(path, f"truncated: segment {i} runs past the end of the file")
             if p_paddr + p_memsz > 1 << layout.bits:
                 # Such a segment would wrap to address 0 (as in QEMU's sums): malformed, not loadable.
-                raise _bad(path, f"segment {i} at {p_paddr:#x} (size {p_memsz:#x}) runs past the end "
+                raise image_error(path, f"segment {i} at {p_paddr:#x} (size {p_memsz:#x}) runs past the end "
                                  f"of the {layout.bits}-bit address space")
             if p_memsz:
                 segments.append(Segment(p_paddr, p_offset, p_filesz, p_memsz))
         elif p_type == PT_NOTE:
             if p_offset + p_filesz > len(data):
-                raise _bad(path, f"truncated: note segment {i} runs past the end of the file")
+                raise image_error(path, f"truncated: note segment {i} runs past the end of the file")
             found = _find_pvh_entry(data[p_offset:p_offset + p_filesz], path)
             if found is not None:
                 entry32 = found
     if not segments:
-        raise _bad(path, "ELF has no loadable (PT_LOAD) segments")
+        raise image_error(path, "ELF has no loadable (PT_LOAD) segments")
     return ElfFile(layout.bits, e_entry, tuple(segments), entry32)
 
 
@@ -178,7 +179,7 @@ def parse_elf(data: bytes, path: str = "<image>") -> ElfImage:
     """Parse and validate an ELF64 or ELF32 PVH image.  Raises ``ConfigError`` only."""
     elf = parse_elf_file(data, path)
     if elf.pvh_entry is None:
-        raise _bad(path, "no PVH entry note (Xen note type 18, XEN_ELFNOTE_PHYS32_ENTRY) and no Multiboot "
+        raise image_error(path, "no PVH entry note (Xen note type 18, XEN_ELFNOTE_PHYS32_ENTRY) and no Multiboot "
                          "header; aiokvm boots guests by the PVH or the Multiboot v1 protocol")
     return ElfImage(path, elf.pvh_entry, elf.segments, data, elf.bits)
 
@@ -192,7 +193,7 @@ def _find_pvh_entry(notes: bytes, path: str) -> int | None:
         desc_start = pos + ((namesz + 3) & ~3)
         desc_end = desc_start + descsz
         if name_end > len(notes) or desc_end > len(notes):
-            raise _bad(path, "truncated ELF note")
+            raise image_error(path, "truncated ELF note")
         name = notes[pos:name_end].rstrip(b"\0")
         if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
             if descsz == 4:
@@ -200,9 +201,9 @@ def _find_pvh_entry(notes: bytes, path: str) -> int | None:
             if descsz == 8:
                 value = struct.unpack_from("<Q", notes, desc_start)[0]
                 if value >= 1 << 32:
-                    raise _bad(path, f"PVH entry {value:#x} is above 4 GiB")
+                    raise image_error(path, f"PVH entry {value:#x} is above 4 GiB")
                 return value
-            raise _bad(path, f"PVH entry note has a {descsz}-byte descriptor (need 4 or 8)")
+            raise image_error(path, f"PVH entry note has a {descsz}-byte descriptor (need 4 or 8)")
         pos = desc_start + ((descsz + 3) & ~3)
     return None
 

@@ -13,13 +13,13 @@ import argparse
 import fnmatch
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from .errors import ConfigError
-
-PASS, FAIL, SKIP, TIMEOUT = "PASS", "FAIL", "SKIP", "TIMEOUT"
+from .kut.runner import FAIL, PASS, SKIP, TIMEOUT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +57,7 @@ def _line(name: str, ours, theirs=None) -> str:
 
 
 async def run_suite(args) -> int:
-    from .kut.config import environment, parse_config, plan
-    from .kut.runner import environment_file, run_aiokvm, run_qemu
+    from .kut.config import parse_config
 
     suite = Path(args.suite)
     cfg = suite / "x86" / "unittests.cfg"
@@ -72,6 +71,17 @@ async def run_suite(args) -> int:
         os.environ["TIMEOUT"] = f"{args.timeout:g}"
     logs = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="aiokvm-kut-"))
     logs.mkdir(parents=True, exist_ok=True)
+    try:
+        return await _run_tests(args, suite, tests, logs)
+    finally:
+        if not args.logs:
+            shutil.rmtree(logs, ignore_errors=True)
+
+
+async def _run_tests(args, suite: Path, tests, logs: Path) -> int:
+    from .kut.config import environment, plan
+    from .kut.runner import environment_file, run_aiokvm, run_qemu
+
     max_vcpus = os.cpu_count() or 1
     results = []
     regressions = failures = 0
@@ -95,13 +105,9 @@ async def run_suite(args) -> int:
     if args.compare_qemu:
         differ = sum(r["aiokvm"]["status"] != r["qemu"]["status"] for r in results)
         summary += f"; {differ} differ from QEMU microvm ({regressions} pass only under QEMU)"
-    print(f"aiokvm kut: {summary}; logs in {logs}")
+    print(f"aiokvm kut: {summary}" + (f"; logs in {logs}" if args.logs else " (--logs DIR keeps the logs)"))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({"suite": str(suite), "results": results}, indent=2))
-    if not args.logs:
-        for f in logs.iterdir():
-            f.unlink()
-        logs.rmdir()
     if args.compare_qemu:
         return 1 if regressions else 0
     return 1 if failures else 0

@@ -110,7 +110,7 @@ class Machine:
         if cpu is not None:
             from .cpu.models import parse_cpu
 
-            if accel == "unicorn":
+            if self.accel == "unicorn":  # as resolved: accel="auto" may have chosen it
                 raise ConfigError("accel=unicorn has its own CPU model; --cpu is for KVM")
             self.cpu = parse_cpu(cpu)
         else:

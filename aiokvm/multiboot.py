@@ -30,8 +30,8 @@ from .boot import (
     E820_RAM,
     HIGH_MEMORY,
     Segment,
-    _bad,
     e820_map,
+    image_error,
     parse_elf_file,
     place_modules,
     read_cstring,
@@ -92,8 +92,11 @@ class MultibootImage:
 
 
 def find_header(data: bytes) -> int | None:
-    """Offset of the first valid Multiboot header in the first 8 KiB, or None."""
-    limit = min(len(data), SEARCH_BYTES) - HEADER.size
+    """Offset of the first valid Multiboot header in the first 8 KiB, or None.
+
+    As QEMU: offsets below 8192 - 48, so that the whole header with its
+    address fields lies in the searched bytes."""
+    limit = min(len(data) - HEADER.size, SEARCH_BYTES - 48 - 1)
     for offset in range(0, limit + 1, 4):
         magic, flags, checksum = HEADER.unpack_from(data, offset)
         if magic == HEADER_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
@@ -105,41 +108,42 @@ def parse_multiboot(data: bytes, path: str = "<image>") -> MultibootImage:
     """Parse a Multiboot v1 image.  Raises ``ConfigError`` only."""
     offset = find_header(data)
     if offset is None:
-        raise _bad(path, "no Multiboot header (magic 0x1BADB002 with a valid checksum) in the first 8 KiB")
+        raise image_error(path, "no Multiboot header (magic 0x1BADB002 with a valid checksum) in the first 8 KiB")
     flags = HEADER.unpack_from(data, offset)[1]
     unknown = flags & REQUIRED_MASK & ~KNOWN_REQUIRED
     if unknown:
-        raise _bad(path, f"Multiboot header requires features {unknown:#x} this loader does not provide "
+        raise image_error(path, f"Multiboot header requires features {unknown:#x} this loader does not provide "
                          f"(it knows page alignment, memory info and the video-mode wish)")
     if flags & FLAG_ADDRESSES:
         return _parse_addresses(data, path, offset, flags)
     elf = parse_elf_file(data, path)
     if elf.bits != 32:
-        raise _bad(path, "a Multiboot ELF must be ELF32 (i386); wrap 64-bit code in an ELF32 container "
+        raise image_error(path, "a Multiboot ELF must be ELF32 (i386); wrap 64-bit code in an ELF32 container "
                          "as kvm-unit-tests does (objcopy -O elf32-i386)")
     if elf.entry >= 1 << 32:  # pragma: no cover - an ELF32 field cannot hold more
-        raise _bad(path, f"entry {elf.entry:#x} is above 4 GiB")
+        raise image_error(path, f"entry {elf.entry:#x} is above 4 GiB")
     return MultibootImage(path, elf.entry, elf.segments, data, flags, offset)
 
 
 def _parse_addresses(data: bytes, path: str, offset: int, flags: int) -> MultibootImage:
     if offset + HEADER.size + ADDRESSES.size > len(data):
-        raise _bad(path, "truncated Multiboot header: flag 16 needs its five address fields")
+        raise image_error(path, "truncated Multiboot header: flag 16 needs its five address fields")
     header_addr, load_addr, load_end, bss_end, entry = ADDRESSES.unpack_from(data, offset + HEADER.size)
     if header_addr < load_addr or header_addr - load_addr > offset:
-        raise _bad(path, f"Multiboot header_addr {header_addr:#x} and load_addr {load_addr:#x} put the "
+        raise image_error(path, f"Multiboot header_addr {header_addr:#x} and load_addr {load_addr:#x} put the "
                          f"load start before the file's start")
     file_start = offset - (header_addr - load_addr)
     if load_end == 0:
         load_end = load_addr + len(data) - file_start
     if load_end < load_addr or load_end - load_addr > len(data) - file_start:
-        raise _bad(path, f"Multiboot load_end_addr {load_end:#x} is before load_addr or past the end of the file")
+        raise image_error(path, f"Multiboot load_end_addr {load_end:#x} is before load_addr or past the end "
+                                f"of the file")
     if bss_end == 0:
         bss_end = load_end
     if bss_end < load_end:
-        raise _bad(path, f"Multiboot bss_end_addr {bss_end:#x} is before load_end_addr {load_end:#x}")
+        raise image_error(path, f"Multiboot bss_end_addr {bss_end:#x} is before load_end_addr {load_end:#x}")
     if bss_end == load_addr:
-        raise _bad(path, "Multiboot header loads nothing (load_addr == load_end_addr == bss_end_addr)")
+        raise image_error(path, "Multiboot header loads nothing (load_addr == load_end_addr == bss_end_addr)")
     segment = Segment(load_addr, file_start, load_end - load_addr, bss_end - load_addr)
     return MultibootImage(path, entry, (segment,), data, flags, offset)
 

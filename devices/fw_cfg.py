@@ -64,12 +64,13 @@ class FwCfg:
     def item(self, key: int) -> bytes:
         return self._items.get(key, b"")
 
-    # QEMU accepts exactly two accesses here: a 16-bit write of the selector
-    # and an 8-bit read of the data port.  Anything else reads as zero and
-    # is counted, and changes nothing.
+    # QEMU's x86 port region (fw_cfg_comb_*) accepts any 1-byte access and
+    # 2-byte writes, at either port: a byte read returns the next data byte,
+    # a 2-byte write selects, a byte write is a data write (ignored since 2.4).
+    # Anything else reads as zero, is counted, and changes nothing.
     def read(self, offset: int, size: int) -> int:
         with self._lock:
-            if offset != 1 or size != 1:
+            if size != 1:
                 self.invalid_accesses += 1
                 return 0
             self.data_reads += 1
@@ -80,8 +81,8 @@ class FwCfg:
 
     def write(self, offset: int, size: int, value: int) -> None:
         with self._lock:
-            if offset != 0 or size != 2:
-                self.invalid_accesses += 1  # among them data-port writes, which QEMU ignores too
+            if size != 2:
+                self.invalid_accesses += 1  # data-port writes among them: QEMU ignores those too
                 return
             self.selects += 1
             data = self._items.get(value & (KEY_MASK | ARCH_LOCAL))  # the write-channel bit is not part of it

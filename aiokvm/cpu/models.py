@@ -54,6 +54,8 @@ _table(0x80000001, 0, ECX, {0: "lahf-lm", 1: "cmp-legacy", 2: "svm", 3: "extapic
 _table(0x8000000A, 0, EDX, {0: "npt", 1: "lbrv", 2: "svm-lock", 3: "nrip-save", 4: "tsc-scale", 5: "vmcb-clean",
                             6: "flushbyasid", 7: "decodeassists", 10: "pause-filter", 12: "pfthreshold",
                             13: "avic", 15: "v-vmsave-vmload", 16: "vgif"})
+# The registers that hold feature bits (leaf 1, leaf 7, the extended leaf, SVM's).
+FEATURE_REGISTERS = sorted({(function, index, reg) for function, index, reg, _bit in FEATURES.values()})
 ALIASES = {"sse3": "pni", "sse4_1": "sse4.1", "sse4_2": "sse4.2", "lahf_lm": "lahf-lm", "tsc_deadline": "tsc-deadline",
            "tsc_adjust": "tsc-adjust", "sha_ni": "sha-ni", "i64": "lm", "xd": "nx"}
 
@@ -97,8 +99,9 @@ class CpuSpec:
     """A parsed ``--cpu`` value."""
 
     model: Model
-    add: list[str] = field(default_factory=list)
-    remove: list[str] = field(default_factory=list)
+    add: list[str] = field(default_factory=list)  # +feat
+    remove: list[str] = field(default_factory=list)  # -feat
+    props: list[tuple[str, bool]] = field(default_factory=list)  # feat=on|off, in order (the last one wins)
     vendor: str | None = None
     text: str = ""
 
@@ -136,8 +139,7 @@ def parse_cpu(spec: str) -> CpuSpec:
             if key.startswith("hv"):
                 raise ConfigError(f"--cpu {spec}: Hyper-V enlightenments ({key}) are not offered by aiokvm")
         elif value in ("on", "off", "true", "false", "yes", "no") or not value:
-            name = _feature(key, spec)
-            (parsed.add if value in ("on", "true", "yes", "") else parsed.remove).append(name)
+            parsed.props.append((_feature(key, spec), value in ("on", "true", "yes", "")))
         else:
             raise ConfigError(f"--cpu {spec}: unknown property {key!r}")
     return parsed
@@ -169,26 +171,28 @@ def apply_model(entries: list[dict], spec: CpuSpec) -> list[str]:
     model = spec.model
     wanted = {name for name in FEATURES if host_has(name)} if model.features is None else set(model.features)
     wanted.add("hypervisor")  # QEMU sets it under KVM, whatever the model
+    # QEMU's order: feat=on|off as written (the last wins), then every +feat, then every -feat.
+    for name, on in spec.props:
+        (wanted.add if on else wanted.discard)(name)
     wanted |= set(spec.add)
     wanted -= set(spec.remove)
     dropped = sorted(name for name in wanted if not host_has(name) and name != "hypervisor")
     wanted -= set(dropped)
     if model.features is not None:
-        # A named model: only its features, in the leaves this table knows.
-        for (function, index, reg, _bit) in set(FEATURES.values()):
-            e = entry(function, index)
-            if e is not None:
-                e[reg] &= ~_mask(function, index, reg)
-    for name in wanted:
-        function, index, reg, bit = FEATURES[name]
-        e = entry(function, index)
-        if e is not None:
-            e[reg] |= 1 << bit
-    for name in set(spec.remove):
-        function, index, reg, bit = FEATURES[name]
-        e = entry(function, index)
-        if e is not None:
-            e[reg] &= ~(1 << bit)
+        # A named model is its feature list and nothing else, as QEMU's: every
+        # feature register starts empty (bits this table has no name for too),
+        # and so do the leaves it gives no features in (the PMU's, leaf 7's
+        # subleaf count, the power-management leaf).
+        for function, index, reg in FEATURE_REGISTERS:
+            if (e := entry(function, index)) is not None:
+                e[reg] = 0
+        for e in entries:
+            if e["function"] in (7, 0xA, 0x80000007) or (e["function"] == 0x80000008 and "ebx" in e):
+                for reg in ((EBX,) if e["function"] == 0x80000008 else (EAX, EBX, ECX, EDX)):
+                    e[reg] = 0
+    for name, (function, index, reg, bit) in FEATURES.items():  # every named bit: on if wanted, else off
+        if (e := entry(function, index)) is not None:
+            e[reg] = e[reg] | 1 << bit if name in wanted else e[reg] & ~(1 << bit)
     vendor = spec.vendor or model.vendor
     if model.level is not None and (e := entry(0)) is not None:
         e["eax"] = min(e["eax"], model.level)
@@ -210,14 +214,6 @@ def apply_model(entries: list[dict], spec: CpuSpec) -> list[str]:
                          ecx=int.from_bytes(chunk[8:12], "little"), edx=int.from_bytes(chunk[12:16], "little"))
     # Leaves past the model's limits are not removed: a guest reads only up to the limits.
     return dropped
-
-
-def _mask(function: int, index: int, reg: str) -> int:
-    mask = 0
-    for f, i, r, bit in FEATURES.values():
-        if (f, i, r) == (function, index, reg):
-            mask |= 1 << bit
-    return mask
 
 
 def _signature(family: int, model: int, stepping: int) -> int:

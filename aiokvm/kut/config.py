@@ -149,18 +149,13 @@ def plan(test: KutTest, suite: Path, *, max_vcpus: int, host_arch: str = "x86_64
         vcpus = int(smp_text)
     except ValueError:
         vcpus = 1
-    result = Plan(test, kernel, vcpus, DEFAULT_MEMORY_MB, DEFAULT_CPU, " ".join(_words(test.test_args)),
-                  timeout)
-    args = _words(test.params)
+    try:
+        cmdline, args, split_error = " ".join(_words(test.test_args)), _words(test.params), None
+    except ValueError as exc:  # an unbalanced quote: this test only, not the whole run
+        cmdline, args, split_error = "", [], f"cannot split its options: {exc}"
+    result = Plan(test, kernel, vcpus, DEFAULT_MEMORY_MB, DEFAULT_CPU, cmdline, timeout)
     result.qemu_args = args
-    unsupported = _translate(args, result)
-    if unsupported is None:
-        from ..cpu.models import parse_cpu
-
-        try:
-            parse_cpu(result.cpu)
-        except ConfigError as exc:
-            unsupported = str(exc).split(";")[0]  # the reason, without the list of what is known
+    unsupported = split_error or translate_params(args, result) or cpu_unsupported(result.cpu)
     result.unsupported = unsupported
     skip = None
     if "nodefault" in test.groups and not named:
@@ -187,7 +182,18 @@ def plan(test: KutTest, suite: Path, *, max_vcpus: int, host_arch: str = "x86_64
     return result
 
 
-def _translate(args: list[str], result: Plan) -> str | None:
+def cpu_unsupported(cpu: str) -> str | None:
+    """Why aiokvm cannot give this ``-cpu`` (a model or feature it does not know), or None."""
+    from ..cpu.models import parse_cpu
+
+    try:
+        parse_cpu(cpu)
+    except ConfigError as exc:
+        return str(exc).split(";")[0]  # the reason, without the list of what is known
+    return None
+
+
+def translate_params(args: list[str], result: Plan) -> str | None:
     """Apply the QEMU options aiokvm understands; return why not, for the first it does not."""
     i = 0
     while i < len(args):
@@ -205,7 +211,10 @@ def _translate(args: list[str], result: Plan) -> str | None:
                 return f"-m {value} is not a size aiokvm reads"
             result.memory_mb = int(match.group(1)) * {"": 1, "M": 1, "G": 1024, "T": 1 << 20}[match.group(2)]
         elif opt == "-smp":
-            result.vcpus = int(value.split(",")[0].removeprefix("cpus="))
+            first = value.split(",")[0].removeprefix("cpus=")
+            if not first.isdigit():
+                return f"-smp {value} is not a vCPU count aiokvm reads"
+            result.vcpus = int(first)
         elif opt == "-append":
             result.cmdline = value
         elif opt in ("-machine", "-M"):

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import AiokvmError, ConfigError, MachineTimeout
+from ..errors import AiokvmError, MachineTimeout
 from .config import DEFAULT_CPU, DEFAULT_MEMORY_MB, Plan
 
 PASS, FAIL, SKIP, TIMEOUT = "PASS", "FAIL", "SKIP", "TIMEOUT"
@@ -77,9 +77,7 @@ async def run_aiokvm(plan: Plan, environment: Path, log: Path) -> Outcome:
         except MachineTimeout:
             return Outcome(TIMEOUT, time.monotonic() - started, f"timeout; duration={plan.timeout:g}s",
                            124, str(log))
-        except ConfigError as exc:
-            return Outcome(SKIP, time.monotonic() - started, str(exc), None, str(log))
-        except AiokvmError as exc:
+        except AiokvmError as exc:  # the plan was checked: a ConfigError here is aiokvm's failure, not a skip
             return Outcome(FAIL, time.monotonic() - started, str(exc).splitlines()[0], None, str(log))
     seconds = time.monotonic() - started
     if status.code is None:
@@ -129,8 +127,12 @@ async def run_qemu(plan: Plan, environment: Path, log: Path, qemu: str = QEMU) -
         try:
             returncode = await asyncio.wait_for(proc.wait(), plan.timeout)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
+            returncode = None
+        finally:
+            if proc.returncode is None:  # timed out, or this run was cancelled: QEMU must not outlive it
+                proc.kill()
+                await asyncio.shield(proc.wait())
+        if returncode is None:
             seconds = time.monotonic() - started
             if KVM_INTERNAL_ERROR in log.read_bytes():
                 # QEMU stops a guest KVM cannot emulate and waits; the suite then sees the

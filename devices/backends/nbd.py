@@ -610,7 +610,7 @@ class NbdBackend:
                         # Still pending while its payload arrives: if the connection
                         # ends mid-payload, _fail() must find it and fail it.
                         await self._receive_payload(request)
-                    del self._pending[cookie]
+                    self._pending.pop(cookie, None)  # _fail() may have taken the table meanwhile
                     if not request.future.done():
                         request.future.set_result(None)
                 if not self._pending:
@@ -627,13 +627,15 @@ class NbdBackend:
             self._fail(f"{type(exc).__name__}: {exc}")
 
     async def _receive_payload(self, request: _Request) -> None:
-        if request.future.cancelled():  # nobody wants the data: drain it without touching the buffers
+        if request.future.done():  # cancelled or failed: nobody wants the data; drain it, buffers untouched
             remaining = request.length
             while remaining:
                 remaining -= len(await self._reader.readexactly(min(remaining, 1 << 20)))
             return
         for view in request.views:
-            view[:] = await self._reader.readexactly(view.nbytes)
+            data = await self._reader.readexactly(view.nbytes)
+            if not request.future.done():  # failed meanwhile: its caller has been told; leave its buffers be
+                view[:] = data
 
     def _complete_with_error(self, request: _Request, error: int) -> None:
         if error == NBD_ESHUTDOWN:

@@ -97,3 +97,25 @@ def test_bad_cpu_specs_are_one_line_errors(spec, message):
 
 def test_feature_names_accept_qemus_spellings():
     assert parse_cpu("qemu64,+tsc_deadline,+sse4_2,+sse3").add == ["tsc-deadline", "sse4.2", "pni"]
+
+
+def test_a_named_model_is_its_list_and_nothing_else():
+    entries = host_entries(*HOST)
+    for e in entries:  # host bits with no name here, and leaves a named model leaves empty
+        if e["function"] in (1, 7, 0x80000001):
+            e["ecx"] |= 1 << 30 if e["function"] == 7 else 0
+            e["edx"] |= 1 << 10 if e["function"] == 7 else 0
+    entries.append({"function": 0xA, "index": 0, "flags": 0, "eax": 0x07300403, "ebx": 0, "ecx": 0, "edx": 0x603})
+    apply_model(entries, parse_cpu("qemu64"))
+    leaf7 = next(e for e in entries if e["function"] == 7)
+    assert leaf7["ebx"] == leaf7["ecx"] == leaf7["edx"] == leaf7["eax"] == 0  # QEMU's qemu64: no leaf-7 features
+    assert next(e for e in entries if e["function"] == 0xA)["eax"] == 0  # no PMU
+
+
+def test_on_off_properties_apply_in_order_then_plus_then_minus():
+    entries = host_entries(*HOST)
+    apply_model(entries, parse_cpu("qemu64,x2apic=off,x2apic=on"))
+    assert has(entries, "x2apic")  # the last one wins, as QEMU's properties
+    entries = host_entries(*HOST)
+    apply_model(entries, parse_cpu("qemu64,pcid=on,-pcid,+pcid"))
+    assert not has(entries, "pcid")  # -feat wins over everything, as in QEMU

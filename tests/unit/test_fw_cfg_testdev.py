@@ -32,11 +32,14 @@ def test_fw_cfg_items_as_kvm_unit_tests_read_them():
 def test_fw_cfg_each_selection_rewinds_and_other_accesses_change_nothing():
     dev = FwCfg(cpus=1, ram_size=1 << 20, items={0x30: b"abcdef"})
     assert read_item(dev, 0x30, 3) == b"abc"
-    dev.write(1, 1, 0x55)  # data-port write: ignored
-    dev.write(0, 1, 0x00)  # byte write to the selector: not a selection
-    assert dev.read(1, 2) == 0 and dev.read(0, 2) == 0  # wide data read, selector read
-    assert read_item(dev, 0x30, 0) == b"" and bytes(dev.read(1, 1) for _ in range(6)) == b"abcdef"
-    assert dev.invalid_accesses == 4
+    dev.write(1, 1, 0x55)  # a byte write is a data write: ignored
+    dev.write(0, 1, 0x00)  # ... at the selector too: not a selection
+    dev.write(0, 4, 0x30)  # not an access QEMU's region takes
+    assert dev.read(1, 2) == 0 and dev.read(0, 4) == 0  # nor are these
+    assert dev.read(0, 1) == ord("d")  # QEMU: a byte read at either port reads data
+    dev.write(1, 2, 0x30)  # ... and a 16-bit write at either port selects
+    assert bytes(dev.read(1, 1) for _ in range(6)) == b"abcdef"
+    assert dev.invalid_accesses == 5
     assert dev.metrics()["counters"]["selects"] == 2
 
 

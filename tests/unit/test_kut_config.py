@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from aiokvm.errors import ConfigError
-from aiokvm.kut.config import environment, parse_config, parse_duration, plan
+from aiokvm.kut.config import KutTest, environment, parse_config, parse_duration, plan
 from aiokvm.kut.runner import FAIL, PASS, SKIP, other_machine_type, qemu_command, status_of
 
 CFG = '''
@@ -124,3 +124,11 @@ def test_environment_module_names_the_errata_this_kernel_has(suite):
     text = environment(suite, kernel_release="6.1.0-13-amd64")
     assert "KERNEL_VERSION=6\n" in text and "KERNEL_PATCHLEVEL=1\n" in text
     assert "ERRATA_abcdef012345=y" in text and "fedcba987654" not in text
+
+
+def test_options_it_cannot_read_make_that_test_unsupported_not_the_run_fail(suite):
+    bad_quote = KutTest("q", file="dummy.flat", test_args="'unbalanced")
+    assert plan(bad_quote, suite, max_vcpus=2).unsupported.startswith("cannot split its options")
+    sockets = KutTest("s", file="dummy.flat", params="-smp sockets=2")
+    assert plan(sockets, suite, max_vcpus=2).unsupported == "-smp sockets=2 is not a vCPU count aiokvm reads"
+    assert plan(KutTest("m", file="dummy.flat", params="-m 4g"), suite, max_vcpus=2).memory_mb == 4096

@@ -30,7 +30,8 @@ def test_header_found_only_aligned_with_a_valid_checksum_in_the_first_8k():
     assert multiboot.find_header(b"\0" * 6 + mb_header()) is None  # not 4-byte aligned
     assert multiboot.find_header(mb_header(checksum=1)) is None
     assert multiboot.find_header(b"\0" * 8192 + mb_header()) is None  # past the first 8 KiB
-    assert multiboot.find_header(b"\0" * (8192 - 12) + mb_header()) == 8192 - 12
+    assert multiboot.find_header(b"\0" * (8192 - 52) + mb_header()) == 8192 - 52  # QEMU's last offset
+    assert multiboot.find_header(b"\0" * (8192 - 48) + mb_header()) is None
 
 
 def test_elf_image_loads_by_program_headers_and_boots_with_the_magic():
