@@ -177,4 +177,11 @@ def cpuid_for(entries: list[dict], index: int, count: int):
                 dst.edx |= 1 << 28  # HTT: the count field above is valid
         elif dst.function in (0xB, 0x1F):
             dst.edx = index  # x2APIC ID
+        elif dst.function == 0x80000001 and count > 1 and not _intel(entries):
+            dst.ecx |= 1 << 1  # CmpLegacy, as QEMU sets it for several vCPUs on a non-Intel vendor
     return cpuid
+
+
+def _intel(entries: list[dict]) -> bool:
+    leaf0 = next((e for e in entries if e["function"] == 0), None)
+    return leaf0 is not None and leaf0["ebx"] == int.from_bytes(b"Genu", "little")

@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a boot module (repeatable): Multiboot modules, or PVH's module list; the whole text "
                           "is the module's string, as QEMU's -initrd")
     run.add_argument("--cpu", metavar="MODEL[,+feat][,-feat]",
-                     help="CPU model as QEMU's -cpu: host, max, qemu64 or kvm64, with +feat/-feat and vendor= "
-                          "(default: everything KVM supports)")
+                     help="CPU model as QEMU's -cpu: host, max, qemu64, kvm64 or Opteron_G1, with +feat/-feat and "
+                          "vendor= (default: everything KVM supports)")
     run.add_argument("--testdev", action="store_true",
                      help="attach QEMU's pc-testdev (ports 0xe0, 0xe4, 0x2000+n; MMIO at 0xff000000), "
                           "as kvm-unit-tests expect")

@@ -104,8 +104,23 @@ void guest_main(u32 magic, u32 *mbi) {
     for (int i = 0; i < 4; i++) putc((char)(r[3] >> (8 * i)));
     for (int i = 0; i < 4; i++) putc((char)(r[2] >> (8 * i)));
     putc('\n');
+    cpuid(0, r);
+    u32 level = r[0];
+    put("cpuid_level", level);
     cpuid(1, r);
     put("x2apic", (r[2] >> 21) & 1);
+    put("cpuid1_eax", r[0]);
+    put("cpuid1_ecx", r[2]);
+    put("cpuid1_edx", r[3] & ~(1u << 28));      /* HTT follows the vCPU count, not the model */
+    if (level >= 7) {
+        cpuid(7, r);
+        put("cpuid7_ebx", r[1]);
+        put("cpuid7_ecx", r[2]);
+        put("cpuid7_edx", r[3]);
+    }
+    cpuid(0x80000001, r);
+    put("cpuid80000001_ecx", r[2]);
+    put("cpuid80000001_edx", r[3]);
 #ifndef HANG
     outl(0xf4, EXIT_CODE);
 #endif

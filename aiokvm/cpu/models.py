@@ -2,7 +2,7 @@
 
 KVM reports what it can virtualize on this host (``KVM_GET_SUPPORTED_CPUID``);
 a model is a view of that.  ``host`` and ``max`` give all of it (under KVM,
-QEMU's ``max`` is ``host``).  ``qemu64`` and ``kvm64`` give QEMU's fixed
+QEMU's ``max`` is ``host``).  ``qemu64``, ``kvm64`` and ``Opteron_G1`` give QEMU's fixed
 feature sets (QEMU 7.2 ``target/i386/cpu.c``) with the KVM defaults QEMU
 adds (x2apic on, the hypervisor bit), their family and brand string, and,
 as QEMU does under KVM, the host's vendor.
@@ -90,7 +90,13 @@ MODELS = {
                    (*_PPRO, "mtrr", "clflush", "mca", "pse36", "pni", "cx16", "lm", "syscall", "nx",
                     *_KVM_DEFAULTS),
                    level=0xD, xlevel=0x80000008, brand="Common KVM processor"),
+    "Opteron_G1": Model("Opteron_G1", None, (15, 6, 1),
+                        ("vme", *_PPRO, "mtrr", "clflush", "mca", "pse36", "pni", "lm", "nx", "syscall",
+                         *_KVM_DEFAULTS),
+                        level=5, xlevel=0x80000008, brand="AMD Opteron 240 (Gen 1 Class Opteron)"),
 }
+# On an AMD-vendor CPU QEMU mirrors these leaf-1 EDX bits into 0x80000001 EDX (CPUID_EXT2_AMD_ALIASES).
+AMD_ALIASES = 0x0183F3FF
 IGNORED_PROPERTIES = ("host-phys-bits", "phys-bits", "migratable", "check", "l3-cache", "pmu")
 
 
@@ -201,6 +207,10 @@ def apply_model(entries: list[dict], spec: CpuSpec) -> list[str]:
         for function in (0, 0x80000000):
             if (e := entry(function)) is not None:
                 e.update(ebx=ebx, edx=edx, ecx=ecx)
+    if model.features is not None and (vendor or "") == "AuthenticAMD":
+        leaf1, ext = entry(1), entry(0x80000001)
+        if leaf1 is not None and ext is not None:
+            ext["edx"] |= leaf1["edx"] & AMD_ALIASES
     if model.xlevel is not None and (e := entry(0x80000000)) is not None:
         e["eax"] = min(e["eax"], model.xlevel)
     if model.family_model_stepping is not None and (e := entry(1)) is not None:

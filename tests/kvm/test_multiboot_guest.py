@@ -56,7 +56,8 @@ async def test_multiboot_guest_sees_its_boot_info_fw_cfg_and_testdev(guest, cpu,
 
 @pytest.mark.qemu
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-@pytest.mark.parametrize("cpu", ["qemu64", "qemu64,-x2apic,vendor=AuthenticAMD", "host"])
+@pytest.mark.parametrize("cpu", ["qemu64", "qemu64,-x2apic,vendor=AuthenticAMD", "qemu64,-pcid,+invpcid,x2apic=off",
+                                 "kvm64", "Opteron_G1,vendor=AuthenticAMD", "host", "max,-pku"])
 async def test_multiboot_guest_reports_the_same_under_qemu_microvm(guest, cpu):
     elf, env = guest
     status, ours, _ = await run_aiokvm(elf, env, cpu)
@@ -69,7 +70,8 @@ async def test_multiboot_guest_reports_the_same_under_qemu_microvm(guest, cpu):
     assert qemu.returncode == (EXIT_CODE << 1) | 1, qemu.stderr
     theirs = parse_report(qemu.stdout)
     assert status.code == EXIT_CODE
-    assert ours == theirs and ours["flags"] == "591"
+    # The CPUID lines (vendor, leaf 0's level, leaves 1, 7 and 0x80000001) too: the model is QEMU's.
+    assert ours == theirs and ours["flags"] == "591" and "cpuid1_ecx" in ours
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
