@@ -667,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
         from .kut_vmexit import measure as measure_vmexit
         from .kut_vmexit import print_vmexit
 
-        kut_repeat = 1 if args.quick else 3
+        kut_repeat = 2 if args.quick else 3
         with Steps(kut_repeat * 4, "vmexit") as steps:
             kut = measure_vmexit(Path(args.kut), repeat=kut_repeat, steps=steps)
         print_vmexit(kut, tsc_hz)
