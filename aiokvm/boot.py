@@ -88,18 +88,24 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class ElfImage:
-    """A parsed PVH guest image."""
+class GuestImage:
+    """What either boot protocol loads: segments from the file's bytes, and a 32-bit entry."""
 
     path: str
     entry32: int
     segments: tuple[Segment, ...]
     data: bytes = field(repr=False)
-    bits: int = 64  # ELF class: 32 or 64
 
     @property
     def span(self) -> tuple[int, int]:
         return (min(s.paddr for s in self.segments), max(s.paddr + s.memsz for s in self.segments))
+
+
+@dataclass(frozen=True)
+class ElfImage(GuestImage):
+    """A parsed PVH guest image."""
+
+    bits: int = 64  # ELF class: 32 or 64
 
 
 def image_error(path: str, why: str) -> ConfigError:
@@ -246,7 +252,7 @@ def read_image_bytes(path: str | Path, what: str = "guest image") -> bytes:
         os.close(fd)
 
 
-def load_image(image, memory: GuestMemory, *, protocol: str = "PVH") -> None:
+def load_image(image: GuestImage, memory: GuestMemory, *, protocol: str = "PVH") -> None:
     """Copy PT_LOAD segments (or a Multiboot image's one) into guest RAM, zero-filling .bss."""
     for seg in image.segments:
         if not memory.contains(seg.paddr, seg.memsz):

@@ -23,12 +23,13 @@ the file and guest RAM; every problem is a one-line ``ConfigError``.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .boot import (
     CMDLINE_ADDR,
     E820_RAM,
     HIGH_MEMORY,
+    GuestImage,
     Segment,
     e820_map,
     image_error,
@@ -75,20 +76,12 @@ LOADER_NAME = b"aiokvm\0"
 
 
 @dataclass(frozen=True)
-class MultibootImage:
+class MultibootImage(GuestImage):
     """A parsed Multiboot v1 image."""
 
-    path: str
-    entry32: int
-    segments: tuple[Segment, ...]
-    data: bytes = field(repr=False)
     flags: int = 0
     header_offset: int = 0
     bits: int = 32
-
-    @property
-    def span(self) -> tuple[int, int]:
-        return (min(s.paddr for s in self.segments), max(s.paddr + s.memsz for s in self.segments))
 
 
 def find_header(data: bytes) -> int | None:

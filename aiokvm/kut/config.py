@@ -61,6 +61,13 @@ class Plan:
     qemu_args: list[str] = field(default_factory=list)  # the options as QEMU takes them (for --compare-qemu)
 
 
+# cfg key -> KutTest field (qemu_params is the newer name of extra_params).
+_STRING_KEYS = {"file": "file", "smp": "smp", "test_args": "test_args", "qemu_params": "params",
+                "extra_params": "params", "arch": "arch", "timeout": "timeout", "accel": "accel",
+                "machine": "machine", "disabled_if": "disabled_if"}
+_LIST_KEYS = {"groups", "check"}  # space-separated lists
+
+
 def parse_config(text: str) -> list[KutTest]:
     """The tests of a ``unittests.cfg``, in file order."""
     tests: list[KutTest] = []
@@ -87,28 +94,10 @@ def parse_config(text: str) -> list[KutTest]:
                     break
                 body = body.rstrip("\\") + " " + more if body.endswith("\\") else body + "\n" + more
             value = body.split('"""', 1)[0].replace("\n", " ")
-        if key == "file":
-            current.file = value
-        elif key == "smp":
-            current.smp = value
-        elif key == "test_args":
-            current.test_args = value
-        elif key in ("qemu_params", "extra_params"):
-            current.params = value
-        elif key == "arch":
-            current.arch = value
-        elif key == "groups":
-            current.groups = value.split()
-        elif key == "timeout":
-            current.timeout = value
-        elif key == "check":
-            current.check = value.split()
-        elif key == "accel":
-            current.accel = value
-        elif key == "machine":
-            current.machine = value
-        elif key == "disabled_if":
-            current.disabled_if = value
+        if key in _LIST_KEYS:
+            setattr(current, key, value.split())
+        elif key in _STRING_KEYS:
+            setattr(current, _STRING_KEYS[key], value)
     return tests
 
 
