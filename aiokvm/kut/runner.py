@@ -120,10 +120,10 @@ async def run_qemu(plan: Plan, environment: Path, log: Path, qemu: str = QEMU) -
     if shutil.which(qemu) is None:
         return Outcome(SKIP, 0.0, f"{qemu} not found")
     started = time.monotonic()
-    with open(log, "wb") as out:
+    errors_path = log.with_name(log.name + ".stderr")
+    with open(log, "wb") as out, open(errors_path, "wb") as errors:
         proc = await asyncio.create_subprocess_exec(*qemu_command(plan, environment, qemu),
-                                                    stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                                                    stderr=asyncio.subprocess.STDOUT)
+                                                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=errors)
         try:
             returncode = await asyncio.wait_for(proc.wait(), plan.timeout)
         except TimeoutError:
@@ -134,7 +134,7 @@ async def run_qemu(plan: Plan, environment: Path, log: Path, qemu: str = QEMU) -
                 await asyncio.shield(proc.wait())
         if returncode is None:
             seconds = time.monotonic() - started
-            if KVM_INTERNAL_ERROR in log.read_bytes():
+            if KVM_INTERNAL_ERROR in log.read_bytes() + errors_path.read_bytes():
                 # QEMU stops a guest KVM cannot emulate and waits; the suite then sees the
                 # timeout.  aiokvm ends the run at once: both are this failure.
                 return Outcome(FAIL, seconds, "KVM internal error (QEMU stops the guest until the timeout)",
@@ -144,6 +144,12 @@ async def run_qemu(plan: Plan, environment: Path, log: Path, qemu: str = QEMU) -
     if returncode == 0 or returncode < 0:
         why = f"signal {-returncode}" if returncode < 0 else "exit 0 (no isa-debug-exit)"
         return Outcome(FAIL, seconds, f"QEMU ended with {why}", returncode, str(log))
+    # scripts/vmm.bash: status 1 is a pass only if QEMU printed no error (QEMU's own
+    # failures, a property it does not know for one, exit 1 too).
+    complaints = [line for line in errors_path.read_text(errors="replace").splitlines()
+                  if line.strip() and "warning" not in line.lower()]
+    if returncode == 1 and complaints:
+        return Outcome(FAIL, seconds, f"QEMU failed: {complaints[0]}", returncode, str(log))
     return Outcome(status_of(returncode), seconds, summary_of(log), returncode, str(log))
 
 

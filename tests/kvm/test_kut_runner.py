@@ -42,6 +42,10 @@ groups = nodefault
 
 [missing]
 file = nowhere.flat
+
+[qemu_refuses]
+file = pass.flat
+qemu_params = -cpu qemu64,+no-such-feature-anywhere
 """
 
 
@@ -68,7 +72,7 @@ def test_statuses_skips_and_logs_as_the_suite_reports_them(suite, tmp_path):
     results = {r["test"]: r["aiokvm"] for r in json.loads((tmp_path / "r.json").read_text())["results"]}
     assert {name: r["status"] for name, r in results.items()} == {
         "passes": "PASS", "fails": "FAIL", "skips": "SKIP", "hangs": "TIMEOUT", "needs_q35": "SKIP",
-        "manual": "SKIP", "missing": "SKIP"}
+        "manual": "SKIP", "missing": "SKIP", "qemu_refuses": "SKIP"}
     assert [r["exit_status"] for r in (results["passes"], results["fails"], results["skips"])] == [1, 3, 77]
     assert results["needs_q35"]["detail"] == "needs -machine q35"
     assert results["manual"]["detail"] == "test marked as manual run only"
@@ -78,7 +82,7 @@ def test_statuses_skips_and_logs_as_the_suite_reports_them(suite, tmp_path):
     assert f"cmdline={suite}/x86/pass.flat alpha beta\n" in log
     assert "mod0=TARGET=qemu;QEMU_ACCEL=kvm;" in log
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("PASS    passes") and "1 pass, 1 fail, 4 skip, 1 timeout" in lines[-1]
+    assert lines[0].startswith("PASS    passes") and "1 pass, 1 fail, 5 skip, 1 timeout" in lines[-1]
 
 
 def test_a_test_named_runs_even_if_nodefault(suite):
@@ -128,3 +132,16 @@ def test_the_qemu_shim_runs_x86_runs_command_with_qemus_statuses(suite, tmp_path
     assert unsupported.returncode == 77 and "SKIP: needs -device edu" in unsupported.stderr
     missing = shim(*X86_RUN, "_NO_FILE_4Uhere_", "-smp", "2")
     assert missing.returncode == 1 and "could not load kernel '_NO_FILE_4Uhere_'" in missing.stderr
+
+
+@pytest.mark.qemu
+def test_qemu_exiting_1_with_an_error_is_a_failure_not_a_pass(suite, tmp_path):
+    # QEMU's own errors exit 1, which is also a passing guest's status: the suite
+    # (scripts/vmm.bash) takes 1 as a pass only when QEMU printed no error.
+    proc = kut(str(suite), "qemu_refuses", "--compare-qemu", "--json", str(tmp_path / "r.json"))
+    (result,) = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert result["qemu"]["status"] == "FAIL" and result["qemu"]["exit_status"] == 1, result
+    detail = result["qemu"]["detail"]
+    assert detail.startswith("QEMU failed: ") and "no-such-feature-anywhere" in detail
+    assert result["aiokvm"]["status"] == "SKIP" and "unknown CPU feature" in result["aiokvm"]["detail"]
+    assert proc.returncode == 0  # it passes nowhere, so nothing passes only under QEMU
