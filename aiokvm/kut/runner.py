@@ -91,7 +91,7 @@ def qemu_command(plan: Plan, environment: Path, qemu: str = QEMU) -> list[str]:
     """x86/run's command line on QEMU's microvm board: its fixed options, the
     test's own ``qemu_params`` as written (QEMU answers for those aiokvm
     cannot), then ``-smp``, the kernel, the environment and the arguments."""
-    command = [qemu, "-M", "microvm", "-accel", "kvm", "--no-reboot", "-nodefaults", "-display", "none",
+    command = [qemu, "-M", "microvm", "-machine", "accel=kvm", "--no-reboot", "-nodefaults", "-display", "none",
                "-serial", "stdio", "-device", "pc-testdev", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
                "-global", "kvm-pit.lost_tick_policy=discard", "-cpu", DEFAULT_CPU, "-m", str(DEFAULT_MEMORY_MB),
                *plan.qemu_args, "-smp", str(plan.vcpus), "-kernel", str(plan.kernel), "-initrd", str(environment)]
