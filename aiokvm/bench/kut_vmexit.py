@@ -59,9 +59,10 @@ def parse_vmexit(output: str) -> dict[str, int]:
 
 async def _aiokvm_once(flat: Path, env: Path, path: str) -> dict[str, int]:
     from ..bus import HandlerMode
+    from ..kut.config import DEFAULT_CPU, DEFAULT_MEMORY_MB
     from ..machine import Machine
 
-    async with Machine(memory="128M", vcpus=1, cpu="qemu64", name=f"vmexit-{path}") as vm:
+    async with Machine(memory=f"{DEFAULT_MEMORY_MB}M", vcpus=1, cpu=DEFAULT_CPU, name=f"vmexit-{path}") as vm:
         vm.add_pc_testdev()
         if path != "unclaimed":
             vm.add_device(_Zero(), pio=(QEMU_PORT, 4), name="port-0x1234",
@@ -72,11 +73,13 @@ async def _aiokvm_once(flat: Path, env: Path, path: str) -> dict[str, int]:
 
 
 def _qemu_once(flat: Path, env: Path, qemu: str) -> dict[str, int]:
-    out = subprocess.run([qemu, "-M", "microvm", "-accel", "kvm", "-cpu", "qemu64", "-m", "128", "-nodefaults",
-                          "-display", "none", "-no-reboot", "-serial", "stdio", "-device", "pc-testdev",
-                          "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4", "-kernel", str(flat),
-                          "-initrd", str(env), "-append", " ".join(TESTS)],
-                         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
+    """The same guest as the kvm-unit-tests runner starts it under QEMU microvm (``kut.runner.qemu_command``)."""
+    from ..kut.config import DEFAULT_CPU, DEFAULT_MEMORY_MB, KutTest, Plan
+    from ..kut.runner import qemu_command
+
+    plan = Plan(KutTest("vmexit"), flat, 1, DEFAULT_MEMORY_MB, DEFAULT_CPU, " ".join(TESTS), 600.0)
+    out = subprocess.run(qemu_command(plan, env, qemu), capture_output=True, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL, check=False)
     return parse_vmexit(out.stdout)
 
 

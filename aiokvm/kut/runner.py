@@ -115,8 +115,8 @@ async def run_qemu(plan: Plan, environment: Path, log: Path, qemu: str = QEMU) -
     """The same test under QEMU microvm, as the suite's own runner would start it."""
     if plan.skip:
         return Outcome(SKIP, 0.0, plan.skip)
-    if other_machine_type(plan):
-        return Outcome(SKIP, 0.0, f"needs -M {other_machine_type(plan)}; the comparison is on microvm")
+    if (board := other_machine_type(plan)) is not None:
+        return Outcome(SKIP, 0.0, f"needs -M {board}; the comparison is on microvm")
     if shutil.which(qemu) is None:
         return Outcome(SKIP, 0.0, f"{qemu} not found")
     started = time.monotonic()

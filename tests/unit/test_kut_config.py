@@ -134,3 +134,10 @@ def test_options_it_cannot_read_make_that_test_unsupported_not_the_run_fail(suit
     sockets = KutTest("s", file="dummy.flat", params="-smp sockets=2")
     assert plan(sockets, suite, max_vcpus=2).unsupported == "-smp sockets=2 is not a vCPU count aiokvm reads"
     assert plan(KutTest("m", file="dummy.flat", params="-m 4g"), suite, max_vcpus=2).memory_mb == 4096
+
+
+def test_vmexit_lines_are_read_as_the_guest_prints_them():
+    from aiokvm.bench.kut_vmexit import parse_vmexit
+
+    out = "enabling apic\r\ncpuid 16311\r\ninl_from_qemu 21925\r\nipi (skipped)\r\ninl_from_kernel 21953\r\nmov_dr 9\n"
+    assert parse_vmexit(out) == {"cpuid": 16311, "inl_from_qemu": 21925, "inl_from_kernel": 21953}
